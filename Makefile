@@ -1,0 +1,36 @@
+# Ops-Core: `make run` serves on 127.0.0.1:8000 with SQLite; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test check lint bench diagrams docker clean
+
+$(BIN)/.installed: pyproject.toml requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Ops-Core needs Python >= 3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+$(BIN)/.test-installed: $(BIN)/.installed requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/opscore serve --generate-key --host $(HOST) --port $(PORT)
+
+lint: $(BIN)/.test-installed
+	$(BIN)/ruff check opscore tests benchmarks
+	$(BIN)/ruff format --check opscore tests benchmarks
+	$(BIN)/mypy opscore
+
+test: $(BIN)/.test-installed lint
+	$(BIN)/pytest --cov=opscore --cov-report=term --cov-report=xml $(PYTEST_ARGS)
+
+check: test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage coverage.xml

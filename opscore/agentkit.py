@@ -1,0 +1,63 @@
+"""AgentKit's side of the wire: the registration webhook's signature (DESIGN §2).
+
+AgentKit signs ``timestamp_header_bytes + b"." + raw_body`` with HMAC-SHA256 under
+``OPSCORE_WEBHOOK_SECRET`` and sends the hex digest in ``X-AgentKit-Signature``; the real
+AgentKit sends the timestamp as Unix epoch seconds (``"1732390000"``), ISO-8601 is accepted
+too. Several secrets are tried so a secret can be rotated without downtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime
+
+from opscore.errors import Unauthorized
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The signature AgentKit sends for ``body`` at ``timestamp``."""
+    return hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def parse_timestamp(value: str) -> float:
+    """Epoch seconds (possibly fractional) or ISO-8601 (naive means UTC) → epoch seconds."""
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise Unauthorized("X-AgentKit-Timestamp is neither epoch seconds nor ISO-8601", code="bad_timestamp") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def check_signature(
+    secrets: tuple[bytes, ...],
+    timestamp: str | None,
+    signature: str | None,
+    body: bytes,
+    *,
+    now: float,
+    window: float,
+) -> tuple[float, str]:
+    """Raise ``Unauthorized`` unless some secret signed ``body`` recently; (time, signature)."""
+    if not secrets:
+        raise Unauthorized("the webhook is disabled: OPSCORE_WEBHOOK_SECRET is not set", code="webhook_disabled")
+    if not timestamp or not signature:
+        raise Unauthorized("X-AgentKit-Timestamp and X-AgentKit-Signature are required", code="bad_signature")
+    sent = parse_timestamp(timestamp)
+    if abs(now - sent) > window:
+        raise Unauthorized(f"X-AgentKit-Timestamp is more than {window:g} s from now", code="stale_timestamp")
+    presented = signature.strip().lower().removeprefix("sha256=")
+    matched = False
+    for secret in secrets:
+        if hmac.compare_digest(sign(secret, timestamp, body), presented):
+            matched = True
+    if not matched:
+        raise Unauthorized("X-AgentKit-Signature does not match the body", code="bad_signature")
+    return sent, presented

@@ -1,0 +1,141 @@
+"""``create_app(settings)``: the FastAPI app, its lifespan and its ASGI middleware."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from opscore import __version__
+from opscore.api import errors as api_errors
+from opscore.api.deps import render_result
+from opscore.api.routes import agents, audit, health, machines, webhooks
+from opscore.config import Settings
+from opscore.engine import Engine
+from opscore.errors import PayloadTooLarge, StorageError
+from opscore.logs import configure
+from opscore.storage import open_store
+
+log = logging.getLogger("opscore")
+
+DESCRIPTION = """\
+Ops-Core keeps a fleet of AI agents honest: every agent and workflow run is an explicit
+finite-state machine, and every transition, applied or refused, leaves a hash-chained audit
+record. All `/v1/opscore/*` paths need `Authorization: Bearer <OPSCORE_API_KEY>` except the
+AgentKit webhook, which is HMAC-signed. Every error answers `{"detail", "code"}`.
+"""
+
+
+class Guard:
+    """Pure ASGI middleware: request ids, and 413 for bodies over the limit.
+
+    A declared ``Content-Length`` over the limit is refused before reading; a chunked body is
+    counted as it arrives and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limit:
+                    await _too_large(send, limit)
+                    return
+            elif name == b"x-request-id":
+                request_id = value.decode("latin-1")[:200]
+        scope["opscore.request_id"] = request_id or uuid.uuid4().hex
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            return message
+
+        rid = scope["opscore.request_id"].encode("latin-1")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, counted, send_with_id)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = (
+        b'{"detail":"request body is over the limit of ' + str(limit).encode() + b' bytes","code":"payload_too_large"}'
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The Ops-Core app. ``settings`` default to the environment, read at start-up, not import."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conf = settings if settings is not None else Settings()
+        configure(conf.log_level)
+        keys = conf.api_keys
+        if not keys:
+            raise StorageError(
+                "OPSCORE_API_KEY is not set: set it (or run `opscore serve --generate-key`); "
+                "Ops-Core never falls back to a known key",
+                code="no_api_key",
+            )
+        store = open_store(conf.database_url)
+        await store.open()
+        engine = Engine(store)
+        app.state.settings = conf
+        app.state.api_keys = keys
+        app.state.engine = engine
+        app.state.render = render_result
+        app.state.extensions = {}
+        for hook in startup_hooks:
+            await hook(app)
+        log.info("started", extra={"store": store.backend, "version": __version__})
+        try:
+            yield
+        finally:
+            for hook in reversed(shutdown_hooks):
+                await hook(app)
+            await store.close()
+
+    app = FastAPI(
+        title="Ops-Core",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    startup_hooks: list[Any] = []
+    shutdown_hooks: list[Any] = []
+    app.state.startup_hooks = startup_hooks
+    app.state.shutdown_hooks = shutdown_hooks
+    api_errors.install(app)
+    for module in (health, agents, audit, machines, webhooks):
+        app.include_router(module.router)
+    limit = settings.max_body_bytes if settings is not None else Settings.model_fields["max_body_bytes"].default
+    app.add_middleware(Guard, max_body_bytes=limit)
+    return app

@@ -1,0 +1,127 @@
+"""Dependencies as ``Annotated`` aliases: the engine, the caller, the request's preconditions."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+
+from opscore.api.errors import render_error
+from opscore.config import Settings, match_key
+from opscore.engine import Context, Engine, Idempotency
+from opscore.errors import Invalid, Unauthorized
+from opscore.models import TransitionResult
+from opscore.storage.base import Store
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.engine.store
+    return store
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
+    """The actor name of a valid bearer key (``key:<name>``); 401 otherwise."""
+    if not authorization:
+        raise Unauthorized("missing Authorization: Bearer <OPSCORE_API_KEY>")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <OPSCORE_API_KEY>'")
+    key = match_key(request.app.state.api_keys, token.strip().encode())
+    if key is None:
+        raise Unauthorized("invalid API key")
+    return f"key:{key.name}"
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CallerDep = Annotated[str, Depends(caller)]
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """``"3"``, ``W/"3"`` or ``3`` → 3; ``*`` or absent → no precondition; anything else → 422."""
+    if value is None or value.strip() == "*":
+        return None
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit():
+        raise Invalid(f'If-Match must be a revision such as "3", not {value!r}', code="invalid_if_match")
+    return int(text)
+
+
+async def context(
+    request: Request,
+    actor: CallerDep,
+    if_match: Annotated[
+        str | None, Header(description='Apply only at this revision (the entity\'s ETag, e.g. "3"); else 412')
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="A retried request with the same key returns the first answer; kept 48 h"),
+    ] = None,
+    x_request_id: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Context:
+    """The transition context of a request: actor, If-Match, Idempotency-Key, request id."""
+    idem = None
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 255:
+            raise Invalid("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
+        body = await request.body()
+        fingerprint = hashlib.sha256(
+            request.method.encode() + b" " + request.url.path.encode() + b"\n" + body
+        ).hexdigest()
+        idem = Idempotency(actor, idempotency_key, fingerprint, request.app.state.render, render_error)
+    request_id = x_request_id or request.scope.get("opscore.request_id")
+    return Context(actor=actor, request_id=request_id, if_match=parse_if_match(if_match), idempotency=idem)
+
+
+ContextDep = Annotated[Context, Depends(context)]
+
+
+def encode_cursor(position: Any, order: str = "asc") -> str:
+    raw = json.dumps({"p": position, "o": order}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, order: str = "asc") -> Any:
+    """The position inside an opaque cursor; 422 when it is not one of ours or of another order."""
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        position, cursor_order = data["p"], data["o"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor") from exc
+    if cursor_order != order:
+        raise Invalid(f"this cursor pages in {cursor_order} order, not {order}", code="invalid_cursor")
+    return position
+
+
+def render_result(result: TransitionResult) -> tuple[int, dict[str, Any]]:
+    """The answer to an applied transition or a heartbeat (DESIGN §5, state report)."""
+    entity = result.entity
+    return 200, {
+        "status": "success",
+        "agentId" if entity.entity_type == "agent" else "entityId": entity.entity_id,
+        "state": entity.state,
+        "previousState": result.previous_state,
+        "changed": result.changed,
+        "revision": entity.revision,
+        "auditId": result.audit_id,
+    }

@@ -1,0 +1,114 @@
+"""ONE table from errors to HTTP, and the one JSON shape every error answers with.
+
+Every error body is ``{"detail": str, "code": str, ...}``: AgentKit's SDK reads
+``response.json()["detail"]``, programs read ``code``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from opscore import errors
+
+log = logging.getLogger("opscore.api")
+
+STATUS: dict[type[errors.OpsCoreError], int] = {
+    errors.NotFound: 404,
+    errors.Invalid: 422,
+    errors.Refused: 409,
+    errors.RevisionConflict: 409,
+    errors.PreconditionFailed: 412,
+    errors.Unauthorized: 401,
+    errors.PayloadTooLarge: 413,
+    errors.Unavailable: 503,
+    errors.StorageError: 500,
+    errors.OpsCoreError: 500,
+}
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def status_of(exc: errors.OpsCoreError) -> int:
+    """The HTTP status of an error: the first class in its MRO that the table names."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def render_error(exc: errors.OpsCoreError) -> tuple[int, dict[str, Any]]:
+    return status_of(exc), exc.to_dict()
+
+
+def _headers(status: int) -> dict[str, str] | None:
+    return {"WWW-Authenticate": "Bearer"} if status == 401 else None
+
+
+async def _opscore_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.OpsCoreError)
+    status, body = render_error(exc)
+    if status >= 500:
+        log.error("request failed", extra={"code": exc.code, "detail": exc.detail, "path": request.url.path})
+    headers = _headers(status) or {}
+    if "revision" in exc.extra and isinstance(exc.extra["revision"], int):
+        headers["ETag"] = f'"{exc.extra["revision"]}"'
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"loc": _plain(list(e.get("loc", ()))), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems) or "invalid request"
+    return JSONResponse(
+        {"detail": f"invalid request: {summary}", "code": "validation_error", "errors": problems}, status_code=422
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"detail": str(exc.detail), "code": code},
+        status_code=exc.status_code,
+        headers={**(exc.headers or {}), **(_headers(exc.status_code) or {})} or None,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", extra={"path": request.url.path})
+    return JSONResponse({"detail": "internal error; see the server log", "code": "internal_error"}, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(errors.OpsCoreError, _opscore_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

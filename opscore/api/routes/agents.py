@@ -1,0 +1,173 @@
+"""Agents: registration, state reports, trigger requests, reading them back."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse
+
+from opscore.api.deps import (
+    CallerDep,
+    ContextDep,
+    EngineDep,
+    StoreDep,
+    decode_cursor,
+    encode_cursor,
+    render_result,
+)
+from opscore.api.schemas import (
+    AgentDetails,
+    AgentPage,
+    AgentStateView,
+    AgentView,
+    ErrorBody,
+    StateReport,
+    StateReportAnswer,
+    TriggerRequest,
+)
+from opscore.engine import Context, Engine, Replay
+from opscore.errors import Invalid
+from opscore.models import Entity, EntityQuery, TransitionResult
+
+router = APIRouter(prefix="/v1/opscore", tags=["agents"])
+
+AgentId = Annotated[str, Path(min_length=1, max_length=256, description="the agent's id")]
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
+
+
+def agent_metadata(details: AgentDetails) -> dict[str, Any]:
+    """The metadata kept for an agent: everything AgentKit described but its id."""
+    return details.model_dump(exclude={"agentId"})
+
+
+def agent_view(entity: Entity) -> dict[str, Any]:
+    data = entity.data
+    return {
+        "agentId": entity.entity_id,
+        "agentName": data.get("agentName"),
+        "version": data.get("version"),
+        "capabilities": data.get("capabilities", []),
+        "contactEndpoint": data.get("contactEndpoint"),
+        "metadata": data.get("metadata", {}),
+        "state": entity.state,
+        "revision": entity.revision,
+        "lastSeenAt": entity.last_seen_at,
+        "lastReportAt": entity.last_report_at,
+        "registeredAt": entity.created_at,
+        "updatedAt": entity.updated_at,
+    }
+
+
+def answer(result: TransitionResult | Replay) -> JSONResponse:
+    """A transition's answer, with the entity's ``ETag``."""
+    if isinstance(result, Replay):
+        status, body = result.status, result.body
+    else:
+        status, body = render_result(result)
+    revision = body.get("revision")
+    headers = {"ETag": f'"{revision}"'} if isinstance(revision, int) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def register(engine: Engine, details: AgentDetails, ctx: Context) -> tuple[Entity, bool]:
+    return await engine.upsert("agent", details.agentId, agent_metadata(details), ctx=ctx)
+
+
+@router.post(
+    "/agents",
+    summary="Register an agent, or update a known agent's metadata",
+    status_code=201,
+    response_model=AgentView,
+    responses={200: {"model": AgentView, "description": "known agent, metadata updated"}, **ERRORS},
+)
+async def register_agent(body: AgentDetails, engine: EngineDep, actor: CallerDep) -> JSONResponse:
+    """Body as the webhook's `agent_details`. A known agent keeps its state; only its metadata changes."""
+    entity, created = await register(engine, body, Context(actor=actor))
+    return JSONResponse(
+        agent_view(entity), status_code=201 if created else 200, headers={"ETag": f'"{entity.revision}"'}
+    )
+
+
+@router.get("/agents", summary="List agents", response_model=AgentPage, responses=ERRORS)
+async def list_agents(
+    store: StoreDep,
+    actor: CallerDep,
+    state: Annotated[str | None, Query(description="only agents in this state")] = None,
+    capability: Annotated[str | None, Query(description="only agents with this capability")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+) -> dict[str, Any]:
+    """Agents ordered by id, one page at a time."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, str):
+        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    entities = await store.list_entities(
+        EntityQuery("agent", state=state, capability=capability, after_id=after, limit=limit + 1)
+    )
+    more = len(entities) > limit
+    entities = entities[:limit]
+    return {
+        "items": [agent_view(e) for e in entities],
+        "nextCursor": encode_cursor(entities[-1].entity_id) if more else None,
+    }
+
+
+@router.get("/agent/{agent_id}", summary="One agent", response_model=AgentView, responses=ERRORS)
+async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> JSONResponse:
+    """Metadata, `state`, `revision` (also the `ETag`) and `lastSeenAt`."""
+    entity = await engine.get("agent", agent_id)
+    return JSONResponse(agent_view(entity), headers={"ETag": f'"{entity.revision}"'})
+
+
+@router.post(
+    "/agent/{agent_id}/state",
+    summary="Report an agent's state (AgentKit SDK)",
+    response_model=StateReportAnswer,
+    responses=ERRORS,
+)
+async def report_state(agent_id: AgentId, body: StateReport, engine: EngineDep, ctx: ContextDep) -> JSONResponse:
+    """Applies the one declared transition to the reported state; the same state is a heartbeat.
+
+    An agent never seen before is registered on the spot (AgentKit reports before its
+    registration webhook arrives). 409 `illegal_transition` or `stale_report`, 422 for an
+    unknown state; refusals are written to the audit log too.
+    """
+    if body.agentId is not None and body.agentId != agent_id:
+        raise Invalid(f"body agentId {body.agentId!r} does not match the path's {agent_id!r}", code="agent_id_mismatch")
+    seed = Entity("agent", agent_id, engine.fsm("agent").initial)
+    result = await engine.report(
+        "agent", agent_id, body.state, ctx=ctx, reported_at=body.timestamp, details=body.details, create=seed
+    )
+    return answer(result)
+
+
+@router.get(
+    "/agent/{agent_id}/state", summary="An agent's current state", response_model=AgentStateView, responses=ERRORS
+)
+async def get_state(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> JSONResponse:
+    """The state, the details and timestamp of the newest accepted report, and the revision."""
+    entity = await engine.get("agent", agent_id)
+    return JSONResponse(
+        {
+            "agentId": entity.entity_id,
+            "state": entity.state,
+            "details": entity.last_details,
+            "timestamp": entity.last_report_at or entity.updated_at,
+            "revision": entity.revision,
+        },
+        headers={"ETag": f'"{entity.revision}"'},
+    )
+
+
+@router.post(
+    "/agent/{agent_id}/transitions",
+    summary="Fire a trigger by name (operators)",
+    response_model=StateReportAnswer,
+    responses=ERRORS,
+)
+async def fire_trigger(agent_id: AgentId, body: TriggerRequest, engine: EngineDep, ctx: ContextDep) -> JSONResponse:
+    """`{"trigger": "recover"}`: 422 for an unknown trigger, 409 when it is illegal from the current state."""
+    result = await engine.fire("agent", agent_id, body.trigger, ctx=ctx, details=body.details)
+    return answer(result)

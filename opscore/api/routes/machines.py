@@ -1,0 +1,33 @@
+"""The central declarations, served exactly as ``opscore/machines.py`` holds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from opscore.api.deps import CallerDep
+from opscore.api.schemas import ErrorBody, MachineView
+from opscore.errors import UnknownMachine
+from opscore.machines import MACHINES, public_view
+
+router = APIRouter(prefix="/v1/opscore", tags=["machines"])
+
+
+@router.get("/machines", summary="Every machine declaration")
+async def list_machines(actor: CallerDep) -> dict[str, list[dict[str, Any]]]:
+    """`{"items": [declaration, ...]}` for the agent, workflow and task machines."""
+    return {"items": [public_view(d) for d in MACHINES.values()]}
+
+
+@router.get(
+    "/machines/{name}",
+    summary="One machine declaration",
+    response_model=MachineView,
+    responses={404: {"model": ErrorBody}, 401: {"model": ErrorBody}},
+)
+async def get_machine(name: str, actor: CallerDep) -> dict[str, Any]:
+    """`name`, `initial`, `states`, `terminal` and one `transitions` row per (trigger, source)."""
+    if name not in MACHINES:
+        raise UnknownMachine(f"no machine called {name!r}; machines: {', '.join(MACHINES)}", valid=list(MACHINES))
+    return public_view(MACHINES[name])

@@ -1,0 +1,70 @@
+"""AgentKit's registration webhook: HMAC-signed, no bearer key."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from pydantic import ValidationError
+
+from opscore.agentkit import check_signature
+from opscore.api.deps import EngineDep, SettingsDep, StoreDep
+from opscore.api.routes.agents import agent_metadata, agent_view
+from opscore.api.schemas import ErrorBody, WebhookEvent
+from opscore.engine import Context
+from opscore.errors import Invalid, Unauthorized
+
+router = APIRouter(prefix="/v1/opscore/internal", tags=["webhooks"])
+
+ACTOR = "agentkit"
+
+
+@router.post(
+    "/agent/notify",
+    summary="AgentKit registration webhook",
+    responses={
+        200: {"description": "applied"},
+        401: {"model": ErrorBody},
+        404: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+    },
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": WebhookEvent.model_json_schema()}}, "required": True}
+    },
+)
+async def notify(
+    request: Request,
+    engine: EngineDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    x_agentkit_timestamp: Annotated[str | None, Header(description="Unix epoch seconds or ISO-8601")] = None,
+    x_agentkit_signature: Annotated[
+        str | None, Header(description="hex HMAC-SHA256 of timestamp + '.' + raw body")
+    ] = None,
+) -> dict[str, Any]:
+    """REGISTER creates the agent or updates its metadata (never its state); DEREGISTER fires `deregister`.
+
+    401 for a missing, wrong, stale (±300 s) or replayed signature.
+    """
+    raw = await request.body()
+    now = time.time()
+    window = settings.webhook_window_seconds
+    sent, signature = check_signature(
+        settings.webhook_secrets, x_agentkit_timestamp, x_agentkit_signature, raw, now=now, window=window
+    )
+    if not await store.remember_signature(signature, sent, window):
+        raise Unauthorized("this signature was already used: replay refused", code="replayed")
+    try:
+        event = WebhookEvent.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise Invalid(f"invalid webhook body: {problems}") from exc
+    ctx = Context(actor=ACTOR, request_id=request.scope.get("opscore.request_id"))
+    agent_id = event.agent_details.agentId
+    if event.event_type == "REGISTER":
+        entity, created = await engine.upsert("agent", agent_id, agent_metadata(event.agent_details), ctx=ctx)
+        return {"status": "success", "event": "REGISTER", "created": created, "agent": agent_view(entity)}
+    await engine.get("agent", agent_id)
+    await engine.report("agent", agent_id, "deregistered", ctx=ctx)
+    return {"status": "success", "event": "DEREGISTER", "agentId": agent_id, "state": "deregistered"}

@@ -1,0 +1,134 @@
+"""Wire models only: what clients send and what they get, as DESIGN §2 and §5 fix them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENTITY_ID = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f/]+$")
+
+
+class AgentDetails(BaseModel):
+    """An agent as AgentKit describes it (the webhook's ``agent_details``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    agentId: str = ENTITY_ID
+    agentName: str | None = None
+    version: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    contactEndpoint: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class WebhookEvent(BaseModel):
+    """AgentKit's registration webhook body."""
+
+    event_type: Literal["REGISTER", "DEREGISTER"]
+    agent_details: AgentDetails
+
+
+class StateReport(BaseModel):
+    """A state report as AgentKit's SDK sends it."""
+
+    agentId: str | None = Field(default=None, description="must equal the path's agent id when present")
+    timestamp: datetime = Field(description="when the agent was in this state (ISO-8601)")
+    state: str = Field(min_length=1, max_length=64, description="the state the agent is in now")
+    details: dict[str, Any] | None = Field(default=None, description="free-form; may carry opscore_task_id")
+
+
+class TriggerRequest(BaseModel):
+    """An operator asks for a trigger by name."""
+
+    trigger: str = Field(min_length=1, max_length=64)
+    details: dict[str, Any] | None = None
+
+
+class StateReportAnswer(BaseModel):
+    status: Literal["success"]
+    agentId: str
+    state: str
+    previousState: str
+    changed: bool
+    revision: int
+    auditId: int | None
+
+
+class AgentView(BaseModel):
+    agentId: str
+    agentName: str | None
+    version: str | None
+    capabilities: list[str]
+    contactEndpoint: str | None
+    metadata: dict[str, Any]
+    state: str
+    revision: int
+    lastSeenAt: str | None
+    lastReportAt: str | None
+    registeredAt: str
+    updatedAt: str
+
+
+class AgentPage(BaseModel):
+    items: list[AgentView]
+    nextCursor: str | None
+
+
+class AgentStateView(BaseModel):
+    agentId: str
+    state: str
+    details: dict[str, Any]
+    timestamp: str | None
+    revision: int
+
+
+class AuditRecord(BaseModel):
+    id: int
+    entityType: str
+    entityId: str
+    seq: int
+    event: str | None
+    source: str | None
+    dest: str | None
+    outcome: Literal["applied", "rejected"]
+    reason: str | None
+    actor: str
+    requestId: str | None
+    details: dict[str, Any]
+    reportedAt: str | None
+    recordedAt: str
+    prevHash: str
+    hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditRecord]
+    nextCursor: str | None
+
+
+class VerifyAnswer(BaseModel):
+    ok: bool
+    entities: int
+    records: int
+    problems: list[dict[str, Any]]
+
+
+class MachineTransition(BaseModel):
+    trigger: str
+    source: str
+    dest: str
+
+
+class MachineView(BaseModel):
+    name: str
+    initial: str
+    states: list[str]
+    terminal: list[str]
+    transitions: list[MachineTransition]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    code: str

@@ -1,0 +1,196 @@
+"""``opscore``: serve, verify and export the audit log, and talk to a running server.
+
+opscore serve [--host H] [--port P] [--generate-key]
+opscore audit verify [--file FILE.jsonl]
+opscore audit export --out FILE.jsonl
+opscore agents [--state S]            (client: OPSCORE_API_URL, OPSCORE_API_KEY)
+opscore agent ID
+opscore report ID STATE
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opscore import audit
+
+
+def _env_key() -> str:
+    from opscore.config import Settings
+
+    return Settings().api_key
+
+
+def ensure_key(env_file: Path = Path(".env")) -> str | None:
+    """Generate an API key into ``.env`` when none is configured; the new key, or ``None``."""
+    if _env_key():
+        return None
+    key = secrets.token_urlsafe(32)
+    existing = env_file.read_text() if env_file.exists() else ""
+    with env_file.open("a") as fh:
+        if existing and not existing.endswith("\n"):
+            fh.write("\n")
+        fh.write(f"OPSCORE_API_KEY={key}\n")
+    env_file.chmod(0o600)
+    os.environ["OPSCORE_API_KEY"] = key
+    return key
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    generated = ensure_key() if args.generate_key else None
+    if not _env_key():
+        print("OPSCORE_API_KEY is not set. Set it, or run `opscore serve --generate-key`.", file=sys.stderr)
+        return 2
+    base = f"http://{args.host}:{args.port}"
+    if generated:
+        print(f"Generated an API key and saved it in .env (shown once):\n\n    OPSCORE_API_KEY={generated}\n")
+    key_hint = generated or "$OPSCORE_API_KEY   # from .env"
+    print(
+        f"Ops-Core on {base}  (docs: {base}/docs)\n"
+        f"  curl {base}/health\n"
+        f"  curl -X POST {base}/v1/opscore/agent/agent-1/state -H 'Authorization: Bearer {key_hint}' \\\n"
+        f"       -H 'Content-Type: application/json' "
+        f'-d \'{{"agentId":"agent-1","timestamp":"{datetime.now(UTC).isoformat()}","state":"idle"}}\'\n',
+        flush=True,
+    )
+    uvicorn.run(
+        "opscore.api:app",
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+async def _verify_db() -> audit.Verification:
+    from opscore.config import Settings
+    from opscore.storage import open_store
+
+    store = open_store(Settings().database_url, readonly=True)
+    await store.open()
+    try:
+        return await store.verify()
+    finally:
+        await store.close()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    if args.file:
+        with open(args.file, encoding="utf-8") as fh:
+            result = audit.verify(audit.read_jsonl(fh))
+    else:
+        result = asyncio.run(_verify_db())
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0 if result.ok else 1
+
+
+async def _export(out: Path) -> int:
+    from opscore.config import Settings
+    from opscore.models import AuditQuery
+    from opscore.storage import open_store
+
+    store = open_store(Settings().database_url, readonly=True)
+    await store.open()
+    count = 0
+    try:
+        with out.open("w", encoding="utf-8") as fh:
+            after = 0
+            while True:
+                page = await store.list_audit(AuditQuery(after_id=after, limit=5000))
+                if not page:
+                    break
+                for record in page:
+                    fh.write(audit.canonical(record).decode("utf-8") + "\n")
+                count += len(page)
+                after = page[-1]["id"]
+    finally:
+        await store.close()
+    return count
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    count = asyncio.run(_export(Path(args.out)))
+    print(json.dumps({"exported": count, "file": args.out}))
+    return 0
+
+
+def _client() -> Any:
+    import httpx
+
+    base = os.environ.get("OPSCORE_API_URL", "http://127.0.0.1:8000")
+    key = os.environ.get("OPSCORE_API_KEY") or _env_key()
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _show(response: Any) -> int:
+    try:
+        print(json.dumps(response.json(), indent=2))
+    except ValueError:
+        print(response.text)
+    return 0 if response.status_code < 400 else 1
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    with _client() as client:
+        params = {"state": args.state} if args.state else {}
+        return _show(client.get("/v1/opscore/agents", params=params))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    with _client() as client:
+        return _show(client.get(f"/v1/opscore/agent/{args.agent_id}"))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    body = {"agentId": args.agent_id, "timestamp": datetime.now(UTC).isoformat(), "state": args.state, "details": {}}
+    with _client() as client:
+        return _show(client.post(f"/v1/opscore/agent/{args.agent_id}/state", json=body))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opscore", description="Ops-Core: state machines and audit for AI agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default=os.environ.get("OPSCORE_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("OPSCORE_PORT", "8000")))
+    serve.add_argument("--generate-key", action="store_true", help="create an API key in .env when none is set")
+    serve.set_defaults(func=cmd_serve)
+
+    audit_p = sub.add_parser("audit", help="verify or export the audit log")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="recompute every hash chain (database, or --file)")
+    verify.add_argument("--file", help="an exported JSON Lines file; needs no database")
+    verify.set_defaults(func=cmd_audit_verify)
+    export = audit_sub.add_parser("export", help="write every record as JSON Lines")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_audit_export)
+
+    agents = sub.add_parser("agents", help="list agents (client)")
+    agents.add_argument("--state")
+    agents.set_defaults(func=cmd_agents)
+    agent = sub.add_parser("agent", help="show one agent (client)")
+    agent.add_argument("agent_id")
+    agent.set_defaults(func=cmd_agent)
+    report = sub.add_parser("report", help="report an agent's state (client)")
+    report.add_argument("agent_id")
+    report.add_argument("state")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

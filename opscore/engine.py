@@ -1,0 +1,452 @@
+"""The engine: load an entity, ask its machine, build the audit record, commit both at once.
+
+``transitions`` is the authority on legality. One ``Machine`` is built per declaration at
+start-up (``model=None``, ``auto_transitions=False``) and every decision is
+``machine.events[trigger].trigger(probe)`` on a two-slot probe holding the loaded state: the
+library's own answer to per-model memory costs, measured at ~6 µs against 31-45 µs for
+``add_model``/``remove_model`` per request and 22 KB per agent for a machine each
+(``../shared/NOTES-transitions.md``; ``benchmarks/`` re-measures it). Side effects happen after the
+machine decided, never in its callbacks, because ``transitions`` keeps a new state when a
+callback raises.
+
+Within one process, requests for the same entity are serialised by a per-entity lock, so
+they never race; across processes (several replicas on PostgreSQL) the store's revision
+compare-and-set decides, and the engine retries a lost race from a fresh read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from transitions import Machine, MachineError
+
+from opscore import audit
+from opscore.errors import (
+    Conflict,
+    IdempotencyKeyReused,
+    IllegalTransition,
+    OpsCoreError,
+    PreconditionFailed,
+    RevisionConflict,
+    StaleReport,
+    UnknownEntity,
+    UnknownState,
+    UnknownTrigger,
+    from_dict,
+)
+from opscore.machines import MACHINES, Declaration
+from opscore.models import Change, Committed, Entity, IdempotencyEntry, TransitionResult
+from opscore.storage.base import Store
+
+logging.getLogger("transitions").setLevel(logging.WARNING)
+audit_log = logging.getLogger("opscore.audit")
+
+MAX_CAS_RETRIES = 16
+SYSTEM_ACTOR = "system"
+
+
+class _Probe:
+    """The smallest model ``transitions`` can move: just the loaded state."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+
+class Fsm:
+    """One declared machine, built once, asked for every decision about its entities."""
+
+    def __init__(self, decl: Declaration) -> None:
+        self.name: str = decl["name"]
+        self.initial: str = decl["initial"]
+        self.states: tuple[str, ...] = tuple(decl["states"])
+        self.machine = Machine(
+            model=None,
+            states=list(decl["states"]),
+            transitions=decl["transitions"],
+            initial=decl["initial"],
+            auto_transitions=False,
+        )
+        self.triggers: tuple[str, ...] = tuple(self.machine.events)
+        by_pair: dict[tuple[str, str], str] = {}
+        for trigger, event in self.machine.events.items():
+            for source, transitions in event.transitions.items():
+                for t in transitions:
+                    pair = (str(source), str(t.dest))
+                    if pair in by_pair and by_pair[pair] != trigger:
+                        raise ValueError(f"machine {self.name}: {pair} is reached by {by_pair[pair]} and {trigger}")
+                    by_pair[pair] = trigger
+        self._by_pair = by_pair
+
+    def trigger_for(self, source: str, dest: str) -> str | None:
+        """The one declared trigger from ``source`` to ``dest``, or ``None``."""
+        return self._by_pair.get((source, dest))
+
+    def allowed_triggers(self, state: str) -> list[str]:
+        return list(self.machine.get_triggers(state))
+
+    def allowed(self, state: str) -> list[str]:
+        """The states reachable from ``state`` now, in declaration order."""
+        reachable = {dest for (source, dest) in self._by_pair if source == state}
+        return [s for s in self.states if s in reachable]
+
+    def fire(self, trigger: str, state: str) -> str:
+        """Ask the machine to run ``trigger`` from ``state``; the destination, or an error."""
+        event = self.machine.events.get(trigger)
+        if event is None:
+            raise UnknownTrigger(f"{trigger!r} is not a trigger of the {self.name} machine", valid=list(self.triggers))
+        probe = _Probe(state)
+        try:
+            done = event.trigger(probe)
+        except MachineError as exc:
+            raise self.illegal_trigger(trigger, state) from exc
+        if not done:
+            raise self.illegal_trigger(trigger, state)
+        return probe.state
+
+    def illegal_trigger(self, trigger: str, state: str) -> IllegalTransition:
+        return IllegalTransition(
+            f"{self.name} cannot {trigger} from {state!r}",
+            source=state,
+            to=None,
+            trigger=trigger,
+            allowed=self.allowed(state),
+            allowedTriggers=self.allowed_triggers(state),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An ``Idempotency-Key`` with the fingerprint of its request and how to render answers."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    render: Callable[[TransitionResult], tuple[int, dict[str, Any]]]
+    render_error: Callable[[OpsCoreError], tuple[int, dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who asks, and the request's preconditions."""
+
+    actor: str
+    request_id: str | None = None
+    if_match: int | None = None
+    idempotency: Idempotency | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A stored first answer returned for a repeated ``Idempotency-Key``."""
+
+    status: int
+    body: dict[str, Any]
+
+
+Decision = tuple[Change, str | None, str | None, OpsCoreError | None]
+"""What a decision yields: the change, the trigger (event), the destination, the refusal."""
+
+
+class _KeyedLocks:
+    """asyncio locks by key, dropped when nobody holds or waits for them."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def normalise_time(value: datetime | str) -> str:
+    """Any ISO-8601 time (naive means UTC) as the fixed-width UTC text the stores compare."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class Engine:
+    """Applies transitions. The only writer of entity state and audit records."""
+
+    def __init__(self, store: Store, machines: dict[str, Declaration] | None = None) -> None:
+        self.store = store
+        self.fsms = {name: Fsm(decl) for name, decl in (machines or MACHINES).items()}
+        self._entity_locks = _KeyedLocks()
+        self._key_locks = _KeyedLocks()
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def fsm(self, entity_type: str) -> Fsm:
+        return self.fsms[entity_type]
+
+    # -- entry points ---------------------------------------------------------------------
+
+    async def report(
+        self,
+        entity_type: str,
+        entity_id: str,
+        target: str,
+        *,
+        ctx: Context,
+        reported_at: datetime | str | None = None,
+        details: dict[str, Any] | None = None,
+        create: Entity | None = None,
+    ) -> TransitionResult | Replay:
+        """A report that ``entity_id`` is now in ``target``.
+
+        Same state: a heartbeat (liveness only, no record). Otherwise the single declared
+        trigger from the current state to ``target`` is fired, or the report is refused and
+        recorded. ``create`` registers an unknown entity on the spot; ``reported_at`` older
+        than the newest accepted report is refused as stale (``None`` skips that check).
+        """
+        fsm = self.fsms[entity_type]
+        if target not in fsm.states:
+            raise UnknownState(
+                f"{target!r} is not a state of the {entity_type} machine; valid states: {', '.join(fsm.states)}",
+                valid=list(fsm.states),
+            )
+        at = None if reported_at is None else normalise_time(reported_at)
+        details = details or {}
+
+        async def decide(current: Entity, now: str) -> Decision:
+            if at is not None and current.last_report_at is not None and at < current.last_report_at:
+                stale = StaleReport(
+                    f"report from {at} is older than the newest accepted one ({current.last_report_at})",
+                    source=current.state,
+                    to=target,
+                    newest=current.last_report_at,
+                )
+                return (
+                    Change(entity_type, entity_id, seen_at=now),
+                    fsm.trigger_for(current.state, target),
+                    target,
+                    stale,
+                )
+            accepted = Change(
+                entity_type, entity_id, seen_at=now, report_at=at, details=details if at is not None else None
+            )
+            if current.state == target:
+                return accepted, None, None, None
+            trigger = fsm.trigger_for(current.state, target)
+            if trigger is None:
+                illegal = IllegalTransition(
+                    f"{entity_type} {entity_id!r} cannot go from {current.state!r} to {target!r}",
+                    source=current.state,
+                    to=target,
+                    allowed=fsm.allowed(current.state),
+                )
+                return Change(entity_type, entity_id, seen_at=now), None, target, illegal
+            try:
+                dest = fsm.fire(trigger, current.state)
+            except IllegalTransition as exc:
+                exc.extra["to"] = target
+                return Change(entity_type, entity_id, seen_at=now), trigger, target, exc
+            return replace(accepted, state=dest), trigger, dest, None
+
+        return await self._run(entity_type, entity_id, ctx, decide, details=details, reported_at=at, create=create)
+
+    async def fire(
+        self,
+        entity_type: str,
+        entity_id: str,
+        trigger: str,
+        *,
+        ctx: Context,
+        details: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> TransitionResult | Replay:
+        """An explicit trigger by name (operators, workflows, the liveness sweep)."""
+        fsm = self.fsms[entity_type]
+        if trigger not in fsm.triggers:
+            raise UnknownTrigger(
+                f"{trigger!r} is not a trigger of the {entity_type} machine; valid triggers: {', '.join(fsm.triggers)}",
+                valid=list(fsm.triggers),
+            )
+        details = details or {}
+
+        async def decide(current: Entity, now: str) -> Decision:
+            try:
+                dest = fsm.fire(trigger, current.state)
+            except IllegalTransition as exc:
+                return Change(entity_type, entity_id), trigger, None, exc
+            return Change(entity_type, entity_id, state=dest, data=data), trigger, dest, None
+
+        return await self._run(entity_type, entity_id, ctx, decide, details=details, reported_at=None, create=None)
+
+    async def upsert(
+        self, entity_type: str, entity_id: str, data: dict[str, Any], *, ctx: Context
+    ) -> tuple[Entity, bool]:
+        """Create an entity in its machine's initial state, or merge ``data`` into a known one.
+
+        Never changes the state of a known entity (DESIGN §2: a late REGISTER must not reset
+        an agent that already reported).
+        """
+        fsm = self.fsms[entity_type]
+        seed = Entity(entity_type, entity_id, fsm.initial, data=data)
+        async with self._entity_locks.hold((entity_type, entity_id)):
+            committed = await self.store.apply(Change(entity_type, entity_id, create=seed, data=data))
+        audit_log.debug("upsert", extra={"entityType": entity_type, "entityId": entity_id, "actor": ctx.actor})
+        return committed.entity, committed.created
+
+    async def get(self, entity_type: str, entity_id: str) -> Entity:
+        entity = await self.store.get(entity_type, entity_id)
+        if entity is None:
+            raise UnknownEntity(entity_type, entity_id)
+        return entity
+
+    # -- the one path every transition takes ---------------------------------------------
+
+    async def _run(
+        self,
+        entity_type: str,
+        entity_id: str,
+        ctx: Context,
+        decide: Callable[[Entity, str], Awaitable[Decision]],
+        *,
+        details: dict[str, Any],
+        reported_at: str | None,
+        create: Entity | None,
+    ) -> TransitionResult | Replay:
+        idem = ctx.idempotency
+        if idem is None:
+            async with self._entity_locks.hold((entity_type, entity_id)):
+                return await self._attempt(entity_type, entity_id, ctx, decide, details, reported_at, create)
+        async with self._key_locks.hold((idem.scope, idem.key)):
+            stored = await self.store.get_idempotency(idem.scope, idem.key)
+            if stored is not None:
+                return self._replay(stored, idem)
+            try:
+                async with self._entity_locks.hold((entity_type, entity_id)):
+                    return await self._attempt(entity_type, entity_id, ctx, decide, details, reported_at, create)
+            except Conflict as exc:
+                if exc.code != "idempotency_key_in_use":
+                    raise
+                stored = await self.store.get_idempotency(idem.scope, idem.key)
+                if stored is None:
+                    raise
+                return self._replay(stored, idem)
+
+    @staticmethod
+    def _replay(stored: IdempotencyEntry, idem: Idempotency) -> Replay:
+        if stored.fingerprint != idem.fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was first used with a different request; use a new key for a new request"
+            )
+        if stored.status >= 400:
+            raise from_dict(stored.body)
+        return Replay(stored.status, stored.body)
+
+    async def _attempt(
+        self,
+        entity_type: str,
+        entity_id: str,
+        ctx: Context,
+        decide: Callable[[Entity, str], Awaitable[Decision]],
+        details: dict[str, Any],
+        reported_at: str | None,
+        create: Entity | None,
+    ) -> TransitionResult:
+        for _ in range(MAX_CAS_RETRIES):
+            current = await self.store.get(entity_type, entity_id)
+            seed = None
+            if current is None:
+                if create is None:
+                    raise UnknownEntity(entity_type, entity_id)
+                seed = current = create
+            now = datetime.now(UTC).isoformat(timespec="microseconds")
+            err: OpsCoreError | None
+            if ctx.if_match is not None and ctx.if_match != current.revision:
+                change, trigger, dest = Change(entity_type, entity_id), None, None
+                err = PreconditionFailed(
+                    f"If-Match revision {ctx.if_match} is not the current revision {current.revision}",
+                    revision=current.revision,
+                )
+            else:
+                change, trigger, dest, err = await decide(current, now)
+            record = audit.draft(
+                entity_type=entity_type,
+                entity_id=entity_id,
+                event=trigger,
+                source=current.state,
+                dest=dest,
+                outcome="applied" if err is None else "rejected",
+                reason=None if err is None else err.code,
+                actor=ctx.actor,
+                request_id=ctx.request_id,
+                details=details,
+                reported_at=reported_at,
+            )
+            applied = err is None and change.state is not None
+            heartbeat = err is None and change.state is None
+            change = replace(
+                change,
+                create=seed,
+                expected_revision=current.revision if applied else None,
+                record=None if heartbeat else record,
+            )
+            if ctx.idempotency is not None:
+                change = replace(change, idempotency=self._answer(ctx.idempotency, current, change, err))
+            try:
+                committed = await self.store.apply(change)
+            except RevisionConflict as exc:
+                if ctx.if_match is not None:
+                    raise PreconditionFailed(exc.detail, revision=exc.extra.get("revision")) from exc
+                continue
+            self._emit(committed)
+            if err is not None:
+                assert committed.record is not None
+                err.extra["auditId"] = committed.record["id"]
+                raise err
+            return TransitionResult(
+                entity=committed.entity,
+                previous_state=current.state,
+                changed=applied,
+                record=committed.record,
+                created=committed.created,
+            )
+        raise Conflict(
+            f"{entity_type} {entity_id!r} kept changing under this request; try again", code="revision_conflict"
+        )
+
+    @staticmethod
+    def _answer(idem: Idempotency, current: Entity, change: Change, err: OpsCoreError | None) -> IdempotencyEntry:
+        """The answer this request will get, saved with its effect (the store adds ``auditId``)."""
+        if err is not None:
+            status, body = idem.render_error(err)
+            body = {**body, "auditId": None}
+        else:
+            revision = current.revision + (1 if change.state is not None else 0)
+            provisional = replace(current, state=change.state or current.state, revision=revision)
+            status, body = idem.render(
+                TransitionResult(provisional, current.state, change.state is not None, record=None)
+            )
+        return IdempotencyEntry(idem.scope, idem.key, idem.fingerprint, status, body)
+
+    def _emit(self, committed: Committed) -> None:
+        """Log the committed record as one JSON line and tell listeners (workflows)."""
+        record = committed.record
+        if record is None:
+            return
+        audit_log.info("transition", extra=record)
+        for listener in self.listeners:
+            listener(record)

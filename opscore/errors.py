@@ -1,0 +1,158 @@
+"""The one exception tree of Ops-Core.
+
+Domain code raises these; ``api/errors.py`` maps each class to one HTTP status and the
+``code`` below, so every error reaches a client as ``{"detail", "code", ...extra}``::
+
+    OpsCoreError
+    ├── NotFound                  404
+    │   ├── UnknownEntity         unknown_agent / unknown_workflow / unknown_entity
+    │   └── UnknownMachine        unknown_machine
+    ├── Invalid                   422
+    │   ├── UnknownState          unknown_state      (valid states listed)
+    │   ├── UnknownTrigger        unknown_trigger    (valid triggers listed)
+    │   ├── InvalidDefinition     invalid_definition (every problem listed)
+    │   └── IdempotencyKeyReused  idempotency_key_reused
+    ├── Refused                   409
+    │   ├── IllegalTransition     illegal_transition (from, to, allowed)
+    │   ├── StaleReport           stale_report
+    │   └── Conflict              conflict
+    ├── PreconditionFailed        412 revision_mismatch (If-Match did not hold)
+    ├── RevisionConflict          the store's compare-and-set lost; the engine retries it
+    ├── Unauthorized              401
+    ├── PayloadTooLarge           413 payload_too_large
+    ├── Unavailable               503 (storage unreachable)
+    └── StorageError              500: something broke that no input explains
+
+Every error carries ``detail`` (a sentence for people) and ``extra`` (fields for programs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class OpsCoreError(Exception):
+    """Base class: ``code`` is machine readable, ``detail`` human readable."""
+
+    code: ClassVar[str] = "error"
+
+    def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        self.extra = extra
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as the JSON body clients get (without the HTTP status)."""
+        return {"detail": self.detail, "code": self.code, **self.extra}
+
+
+class NotFound(OpsCoreError):
+    code = "not_found"
+
+
+class UnknownEntity(NotFound):
+    code = "unknown_entity"
+
+    def __init__(self, entity_type: str, entity_id: str) -> None:
+        super().__init__(f"no {entity_type} with id {entity_id!r}", code=f"unknown_{entity_type}")
+        self.entity_type = entity_type
+        self.entity_id = entity_id
+
+
+class UnknownMachine(NotFound):
+    code = "unknown_machine"
+
+
+class Invalid(OpsCoreError):
+    code = "validation_error"
+
+
+class UnknownState(Invalid):
+    code = "unknown_state"
+
+
+class UnknownTrigger(Invalid):
+    code = "unknown_trigger"
+
+
+class InvalidDefinition(Invalid):
+    code = "invalid_definition"
+
+
+class IdempotencyKeyReused(Invalid):
+    code = "idempotency_key_reused"
+
+
+class Refused(OpsCoreError):
+    code = "conflict"
+
+
+class _FromTo(Refused):
+    """A refusal that names the state it started from (``from`` is a keyword in Python)."""
+
+    def __init__(self, detail: str, *, source: str, to: str | None, **extra: Any) -> None:
+        super().__init__(detail, **{"from": source, "to": to}, **extra)
+
+
+class IllegalTransition(_FromTo):
+    code = "illegal_transition"
+
+
+class StaleReport(_FromTo):
+    code = "stale_report"
+
+
+class Conflict(Refused):
+    code = "conflict"
+
+
+class PreconditionFailed(OpsCoreError):
+    code = "revision_mismatch"
+
+
+class RevisionConflict(OpsCoreError):
+    """The store's compare-and-set found another revision than the one the decision was based on."""
+
+    code = "revision_conflict"
+
+
+class Unauthorized(OpsCoreError):
+    code = "unauthorized"
+
+
+class PayloadTooLarge(OpsCoreError):
+    code = "payload_too_large"
+
+
+class Unavailable(OpsCoreError):
+    code = "unavailable"
+
+
+class StorageError(OpsCoreError):
+    code = "storage_error"
+
+
+_BY_CODE: dict[str, type[OpsCoreError]] = {}
+
+
+def _register(cls: type[OpsCoreError]) -> None:
+    _BY_CODE.setdefault(cls.code, cls)
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+def from_dict(body: dict[str, Any]) -> OpsCoreError:
+    """Rebuild an error from :meth:`OpsCoreError.to_dict` (idempotent replays answer the stored error)."""
+    body = dict(body)
+    detail = body.pop("detail")
+    code = body.pop("code")
+    if not _BY_CODE:
+        _register(OpsCoreError)
+    cls = _BY_CODE.get(code, OpsCoreError)
+    if code.startswith("unknown_") and cls is OpsCoreError:
+        cls = UnknownEntity
+    err = OpsCoreError.__new__(cls)
+    OpsCoreError.__init__(err, detail, code=code, **body)
+    return err  # built without the subclass __init__: the stored body already has every field

@@ -1,0 +1,147 @@
+"""Frozen values of the domain, shared by the engine, the stores and the API.
+
+Audit records themselves stay plain dicts: their exact JSON is the contract (DESIGN §4)
+and they are hashed as such, so a dataclass in between would only add a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """One machine instance as stored: an agent, a workflow run or a task.
+
+    ``revision`` counts applied transitions (the ``ETag``); ``seq``/``head_hash`` are the head
+    of its audit chain, kept here so that a deleted tail of the chain is detected.
+    ``last_report_at`` is the newest accepted report's timestamp (UTC ISO-8601, fixed width,
+    so it also compares as text).
+    """
+
+    entity_type: str
+    entity_id: str
+    state: str
+    revision: int = 0
+    seq: int = 0
+    head_hash: str = "0" * 64
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+    last_seen_at: str | None = None
+    last_report_at: str | None = None
+    last_details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyEntry:
+    """The first answer to a request carrying an ``Idempotency-Key``, saved with its effect.
+
+    ``body`` is the answer; when the same write appends an audit record, the store sets
+    ``body["auditId"]`` to that record's id, which only exists once the record is written.
+    """
+
+    scope: str
+    key: str
+    fingerprint: str
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A durable deadline: due at ``due_at`` (UTC ISO text), claimed by one process at a time.
+
+    ``key`` is unique (e.g. ``task-deadline:<task id>:<attempt>``); scheduling a key that
+    exists replaces it. Timers are written in the same transaction as the change that
+    arms them, so a restart re-arms exactly what was committed.
+    """
+
+    key: str
+    due_at: str
+    kind: str
+    entity_type: str
+    entity_id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Everything one request changes, applied by a store in ONE atomic write.
+
+    - ``create``: insert this entity first when it does not exist yet.
+    - ``expected_revision``: compare-and-set; the write fails with ``RevisionConflict``
+      unless the stored revision equals it. ``None`` checks nothing.
+    - ``state``: the new state of an applied transition (revision + 1).
+    - ``record``: an audit record draft (everything but ``id``, ``seq``, ``prevHash``,
+      ``recordedAt`` and ``hash``, which the store fills in at the chain's head).
+    - ``seen_at``/``report_at``/``details``: liveness; ``report_at`` only moves forward.
+    - ``data``: new metadata (merged over the old).
+    - ``timers``/``cancel_timers``: deadlines armed or disarmed (by key) with this change.
+    """
+
+    entity_type: str
+    entity_id: str
+    create: Entity | None = None
+    expected_revision: int | None = None
+    state: str | None = None
+    record: dict[str, Any] | None = None
+    seen_at: str | None = None
+    report_at: str | None = None
+    details: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    idempotency: IdempotencyEntry | None = None
+    timers: tuple[Timer, ...] = ()
+    cancel_timers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a store answers for a committed :class:`Change`."""
+
+    entity: Entity
+    record: dict[str, Any] | None
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    """The engine's answer to a state report or a trigger request."""
+
+    entity: Entity
+    previous_state: str
+    changed: bool
+    record: dict[str, Any] | None = None
+    created: bool = False
+
+    @property
+    def audit_id(self) -> int | None:
+        return None if self.record is None else int(self.record["id"])
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """A page request over audit records; ``after_id`` is the keyset cursor."""
+
+    entity_type: str | None = None
+    entity_id: str | None = None
+    outcome: str | None = None
+    since: str | None = None
+    until: str | None = None
+    descending: bool = False
+    after_id: int | None = None
+    limit: int = 100
+    entity_ids: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntityQuery:
+    """A page request over entities of one type, ordered by id."""
+
+    entity_type: str
+    state: str | None = None
+    capability: str | None = None
+    id_prefix: str | None = None
+    after_id: str | None = None
+    limit: int = 100

@@ -1,0 +1,25 @@
+"""Backends of the storage port; :func:`open_store` picks one from the database URL."""
+
+from __future__ import annotations
+
+from opscore.storage.base import Store
+
+
+def open_store(url: str, *, readonly: bool = False) -> Store:
+    """``sqlite:///path``, ``postgresql://…`` or ``memory://`` (tests only) → an unopened store."""
+    if url.startswith("sqlite://"):
+        from opscore.storage.sqlite import SQLiteStore, path_from_url
+
+        return SQLiteStore(path_from_url(url), readonly=readonly)
+    if url.startswith(("postgresql://", "postgres://")):
+        from opscore.storage.postgres import PostgresStore  # type: ignore[import-not-found, unused-ignore]
+
+        return PostgresStore(url)  # type: ignore[no-any-return, unused-ignore]
+    if url.startswith("memory://"):
+        from opscore.storage.memory import MemoryStore
+
+        return MemoryStore()
+    raise ValueError(f"unsupported OPSCORE_DATABASE_URL scheme: {url.split(':', 1)[0]!r} (use sqlite or postgresql)")
+
+
+__all__ = ["Store", "open_store"]

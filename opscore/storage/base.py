@@ -1,0 +1,174 @@
+"""The storage port: what the engine needs from any backend, and the one rule for a write.
+
+A store never decides whether a transition is legal; it commits what the engine built,
+atomically, or refuses when the revision the decision was based on is no longer current.
+:func:`next_entity` is the single definition of how a :class:`Change` moves an entity and
+its audit chain forward, so every backend (memory, SQLite, PostgreSQL) agrees on it and only
+has to persist the result.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from opscore import audit
+from opscore.errors import RevisionConflict, UnknownEntity
+from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+
+
+def utc_now() -> str:
+    """Now, as the fixed-width UTC ISO-8601 text every stored timestamp uses."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def later(a: str | None, b: str | None) -> str | None:
+    """The later of two stored timestamps (fixed-width UTC text compares as time)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a >= b else b
+
+
+def next_entity(
+    current: Entity | None, change: Change, *, now: str, record_id: int | None
+) -> tuple[Entity, dict[str, Any] | None, bool]:
+    """Apply ``change`` to ``current``: the new entity, the sealed audit record, created?
+
+    Raises ``UnknownEntity`` (absent and nothing to create) or ``RevisionConflict``
+    (compare-and-set lost). ``record_id`` is the id the backend allocated for the record.
+    """
+    created = False
+    if current is None:
+        if change.create is None:
+            raise UnknownEntity(change.entity_type, change.entity_id)
+        current = replace(change.create, created_at=now, updated_at=now)
+        created = True
+    if change.expected_revision is not None and current.revision != change.expected_revision:
+        raise RevisionConflict(
+            f"{change.entity_type} {change.entity_id!r} is at revision {current.revision}, "
+            f"not {change.expected_revision}",
+            revision=current.revision,
+        )
+    record = None
+    seq, head = current.seq, current.head_hash
+    if change.record is not None:
+        if record_id is None:
+            raise ValueError("a change with an audit record needs a record id")
+        record = audit.seal(change.record, record_id=record_id, seq=seq + 1, prev_hash=head, recorded_at=now)
+        seq, head = record["seq"], record["hash"]
+    state, revision = current.state, current.revision
+    if change.state is not None:
+        state, revision = change.state, revision + 1
+    data = current.data if change.data is None else {**current.data, **change.data}
+    new = replace(
+        current,
+        state=state,
+        revision=revision,
+        seq=seq,
+        head_hash=head,
+        data=data,
+        updated_at=now if (record is not None or change.data is not None or created) else current.updated_at,
+        last_seen_at=later(current.last_seen_at, change.seen_at),
+        last_report_at=later(current.last_report_at, change.report_at),
+        last_details=change.details if change.details is not None else current.last_details,
+    )
+    return new, record, created
+
+
+def stored_answer(entry: IdempotencyEntry, record: dict[str, Any] | None) -> IdempotencyEntry:
+    """The idempotency entry as saved: its body gains the id of the record written with it."""
+    if record is None or "auditId" not in entry.body:
+        return entry
+    return replace(entry, body={**entry.body, "auditId": record["id"]})
+
+
+class Store(abc.ABC):
+    """A backend. All methods are coroutines and never block the event loop."""
+
+    backend: str = "abstract"
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema; refuse an unknown newer schema."""
+
+    async def close(self) -> None:
+        """Finish pending writes and release connections."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` when the backend cannot be reached."""
+
+    @abc.abstractmethod
+    async def get(self, entity_type: str, entity_id: str) -> Entity | None:
+        """The entity as last committed, or ``None``."""
+
+    @abc.abstractmethod
+    async def apply(self, change: Change) -> Committed:
+        """Commit one change atomically (entity, audit record, idempotency answer) or raise."""
+
+    async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
+        """Commit several independent changes; each succeeds or fails on its own."""
+        results: list[Committed | Exception] = []
+        for change in changes:
+            try:
+                results.append(await self.apply(change))
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller of this change
+                results.append(exc)
+        return results
+
+    @abc.abstractmethod
+    async def list_entities(self, query: EntityQuery) -> list[Entity]:
+        """A page of entities of one type ordered by id."""
+
+    @abc.abstractmethod
+    async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
+        """A page of audit records ordered by id."""
+
+    @abc.abstractmethod
+    async def verify(self) -> audit.Verification:
+        """Recompute every chain and compare every entity head."""
+
+    @abc.abstractmethod
+    async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
+        """The saved first answer for this key, if any (kept at least 24 h)."""
+
+    @abc.abstractmethod
+    async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:
+        """Record a webhook signature; ``False`` when it was already seen within ``window`` s."""
+
+    # -- workflows: definitions and durable timers ------------------------------------------
+
+    @abc.abstractmethod
+    async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
+        """Store a definition; ``True`` when new, ``False`` when the same body is already stored.
+
+        An id+version is immutable: another body under a stored id+version raises ``Conflict``.
+        """
+
+    @abc.abstractmethod
+    async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
+        """One definition; without ``version``, the one stored last under that id."""
+
+    @abc.abstractmethod
+    async def list_definitions(self) -> list[dict[str, Any]]:
+        """Every stored definition, oldest first."""
+
+    @abc.abstractmethod
+    async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
+        """Timers due at ``now``, each leased to this caller for ``lease_seconds``.
+
+        A claimed timer is not handed out again until its lease runs out, so among replicas
+        each due timer goes to one claimer (PostgreSQL: ``FOR UPDATE SKIP LOCKED``); a
+        claimer that dies before :meth:`finish_timer` lets it come back after the lease.
+        """
+
+    @abc.abstractmethod
+    async def finish_timer(self, key: str) -> None:
+        """Delete a timer once its work is done (a missing key is fine)."""
+
+    @abc.abstractmethod
+    async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
+        """Armed timers (for inspection and tests), ordered by due time."""

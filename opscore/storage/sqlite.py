@@ -1,0 +1,656 @@
+"""SQLite store: stdlib ``sqlite3``, WAL, ``synchronous=FULL``, group commit.
+
+One writer thread owns the only write connection. Callers on the event loop queue their
+:class:`Change` and await a future; the writer takes everything queued (up to
+``max_batch``), applies each change inside its own SAVEPOINT (so one refused change does not
+undo the others) and commits the batch with one fsync. A future is resolved only after that
+COMMIT returned, so an acknowledged transition is on disk: durability is what
+``synchronous=FULL`` gives a single commit; throughput comes from sharing the fsync.
+
+The writer is the only writer of the file (a lock file keeps a second server out), so it
+keeps the entities it has seen in a cache that is updated only after a commit succeeds; the
+event loop answers entity reads from it without a thread hop. Everything else is read
+through per-thread read connections in worker threads, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from opscore import audit
+from opscore.errors import Conflict, OpsCoreError, StorageError, Unavailable
+from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE entities (
+            entity_type TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            head_hash TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            last_seen_at TEXT,
+            last_report_at TEXT,
+            last_details TEXT NOT NULL,
+            PRIMARY KEY (entity_type, entity_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX entities_state ON entities (entity_type, state, entity_id)",
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            entity_type TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            outcome TEXT NOT NULL,
+            recorded_at TEXT NOT NULL,
+            body TEXT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX audit_chain ON audit (entity_type, entity_id, seq)",
+        "CREATE INDEX audit_entity ON audit (entity_type, entity_id, id)",
+        "CREATE INDEX audit_type ON audit (entity_type, id)",
+        "CREATE INDEX audit_recorded ON audit (recorded_at)",
+        """CREATE TABLE idempotency (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (scope, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX idempotency_created ON idempotency (created)",
+        "CREATE TABLE webhook_signatures (signature TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE definitions (
+            n INTEGER PRIMARY KEY,
+            definition_id TEXT NOT NULL,
+            version TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (definition_id, version)
+        )""",
+        """CREATE TABLE timers (
+            key TEXT PRIMARY KEY,
+            due_at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            entity_type TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            lease_until REAL NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        "CREATE INDEX timers_due ON timers (due_at)",
+        "CREATE INDEX timers_entity ON timers (entity_type, entity_id)",
+    ],
+}
+
+IDEMPOTENCY_TTL = 48 * 3600.0
+_MISSING = object()
+
+_ENTITY_COLUMNS = (
+    "entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, "
+    "last_seen_at, last_report_at, last_details"
+)
+
+
+def path_from_url(url: str) -> str:
+    """``sqlite:///./x.db`` → ``./x.db``; ``sqlite:////abs/x.db`` → ``/abs/x.db``."""
+    if not url.startswith("sqlite://"):
+        raise ValueError(f"not a sqlite URL: {url!r}")
+    rest = url[len("sqlite://") :]
+    return rest[1:] if rest.startswith("/") else rest
+
+
+def _entity_from_row(row: tuple[Any, ...]) -> Entity:
+    return Entity(
+        entity_type=row[0],
+        entity_id=row[1],
+        state=row[2],
+        revision=row[3],
+        seq=row[4],
+        head_hash=row[5],
+        data=json.loads(row[6]),
+        created_at=row[7],
+        updated_at=row[8],
+        last_seen_at=row[9],
+        last_report_at=row[10],
+        last_details=json.loads(row[11]),
+    )
+
+
+def _entity_params(e: Entity) -> tuple[Any, ...]:
+    return (
+        e.entity_type,
+        e.entity_id,
+        e.state,
+        e.revision,
+        e.seq,
+        e.head_hash,
+        json.dumps(e.data, ensure_ascii=False),
+        e.created_at,
+        e.updated_at,
+        e.last_seen_at,
+        e.last_report_at,
+        json.dumps(e.last_details, ensure_ascii=False),
+    )
+
+
+_SELECT_ENTITY = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = ? AND entity_id = ?"
+_INSERT_AUDIT = "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (?,?,?,?,?,?,?)"
+
+_UPSERT = (
+    f"INSERT INTO entities ({_ENTITY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (entity_type, entity_id) DO UPDATE SET state=excluded.state, revision=excluded.revision, "
+    "seq=excluded.seq, head_hash=excluded.head_hash, data=excluded.data, updated_at=excluded.updated_at, "
+    "last_seen_at=excluded.last_seen_at, last_report_at=excluded.last_report_at, last_details=excluded.last_details"
+)
+
+
+def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the pragmas every Ops-Core connection uses."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION`; refuse a newer one. Returns the version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database has schema version {version}, newer than this Ops-Core knows "
+                f"({SCHEMA_VERSION}): upgrade Ops-Core instead of downgrading the data",
+                code="schema_too_new",
+            )
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[v]:
+                conn.execute(statement)
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        else:
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION
+
+
+def check_version(conn: sqlite3.Connection) -> int:
+    """The schema version of a database this process will only read; refuse unknown ones."""
+    try:
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
+    version = int(row[0]) if row else 0
+    if version != SCHEMA_VERSION:
+        raise StorageError(
+            f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
+            code="schema_mismatch",
+        )
+    return version
+
+
+_Job = tuple[Callable[[sqlite3.Connection, dict[tuple[str, str], Entity | None]], Any], "asyncio.Future[Any]", bool]
+
+
+class SQLiteStore(Store):
+    backend = "sqlite"
+
+    def __init__(self, path: str, *, max_batch: int = 512, cache_size: int = 250_000, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.max_batch = max_batch
+        self.cache_size = cache_size
+        self._cache: dict[tuple[str, str], Entity | None] = {}
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._next_id = 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0
+        self.batched = 0
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Take the file (lock, migrate) and start the writer; read-only: only check the schema."""
+        self._loop = asyncio.get_running_loop()
+        if self.readonly:
+            await self._read(check_version)
+            return
+        await asyncio.to_thread(self._open_sync)
+        self._writer = threading.Thread(target=self._writer_main, name="opscore-sqlite-writer", daemon=True)
+        self._writer.start()
+
+    def _open_sync(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise StorageError(
+                f"another Ops-Core process already serves {self.path}; SQLite takes one server "
+                "process (use PostgreSQL for several replicas)",
+                code="database_in_use",
+            ) from exc
+        self._lock_fd = fd
+        conn = connect(self.path)
+        migrate(conn)
+        self._next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM audit").fetchone()[0]
+        self._wconn = conn
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the writer -----------------------------------------------------------------------
+
+    def _submit(
+        self,
+        fn: Callable[[sqlite3.Connection, dict[tuple[str, str], Entity | None]], Any],
+        *,
+        writes: bool,
+    ) -> asyncio.Future[Any]:
+        if self._writer is None or self._loop is None:
+            raise StorageError("the SQLite store is not open for writing")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._jobs.put((fn, future, writes))
+        return future
+
+    def _writer_main(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._wconn
+        assert conn is not None and self._loop is not None
+        staged: dict[tuple[str, str], Entity | None] = {}
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        writes = any(job[2] for job in batch)
+        first_id = self._next_id
+        try:
+            if writes:
+                conn.execute("BEGIN IMMEDIATE")
+            for fn, future, job_writes in batch:
+                if job_writes:
+                    conn.execute("SAVEPOINT job")
+                try:
+                    result = fn(conn, staged)
+                except BaseException as exc:  # noqa: BLE001 - handed to the job's caller
+                    if job_writes:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    outcomes.append((future, None, exc))
+                else:
+                    if job_writes:
+                        conn.execute("RELEASE job")
+                    outcomes.append((future, result, None))
+            if writes:
+                conn.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 - the whole batch fails, none is acknowledged
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._next_id = first_id
+            self._cache.clear()
+            failure: BaseException = StorageError(f"the SQLite commit failed: {exc}")
+            outcomes = [(job[1], None, failure) for job in batch]
+        else:
+            if len(self._cache) + len(staged) > self.cache_size:
+                self._cache.clear()
+            self._cache.update(staged)
+            self.batches += 1
+            self.batched += len(batch)
+        self._loop.call_soon_threadsafe(_deliver, outcomes)
+
+    def _load(
+        self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None], key: tuple[str, str]
+    ) -> Entity | None:
+        if key in staged:
+            return staged[key]
+        if key in self._cache:
+            return self._cache[key]
+        row = conn.execute(
+            f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type=? AND entity_id=?", key
+        ).fetchone()
+        entity = None if row is None else _entity_from_row(row)
+        staged[key] = entity
+        return entity
+
+    def _apply_sync(
+        self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None], change: Change
+    ) -> Committed:
+        key = (change.entity_type, change.entity_id)
+        current = self._load(conn, staged, key)
+        record_id = self._next_id if change.record is not None else None
+        new, record, created = next_entity(current, change, now=utc_now(), record_id=record_id)
+        if record is not None:
+            self._next_id += 1
+            conn.execute(
+                _INSERT_AUDIT,
+                (
+                    record["id"],
+                    new.entity_type,
+                    new.entity_id,
+                    record["seq"],
+                    record["outcome"],
+                    record["recordedAt"],
+                    json.dumps(record, ensure_ascii=False, separators=(",", ":")),
+                ),
+            )
+        conn.execute(_UPSERT, _entity_params(new))
+        if change.idempotency is not None:
+            entry = stored_answer(change.idempotency, record)
+            try:
+                conn.execute(
+                    "INSERT INTO idempotency (scope, key, fingerprint, status, body, created) VALUES (?,?,?,?,?,?)",
+                    (entry.scope, entry.key, entry.fingerprint, entry.status, json.dumps(entry.body), time.time()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
+        if change.cancel_timers:
+            conn.executemany("DELETE FROM timers WHERE key = ?", [(k,) for k in change.cancel_timers])
+        if change.timers:
+            conn.executemany(
+                "INSERT OR REPLACE INTO timers (key, due_at, kind, entity_type, entity_id, payload, lease_until) "
+                "VALUES (?,?,?,?,?,?,0)",
+                [(t.key, t.due_at, t.kind, t.entity_type, t.entity_id, json.dumps(t.payload)) for t in change.timers],
+            )
+        staged[key] = new
+        return Committed(new, record, created)
+
+    # -- the port ---------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        try:
+            await self._read(lambda c: c.execute("SELECT 1").fetchone())
+        except (sqlite3.Error, OSError) as exc:
+            raise Unavailable(f"SQLite is unreachable: {exc}") from exc
+
+    async def get(self, entity_type: str, entity_id: str) -> Entity | None:
+        key = (entity_type, entity_id)
+        cached = self._cache.get(key, _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
+        if self.readonly:
+            row = await self._read(lambda c: c.execute(_SELECT_ENTITY, key).fetchone())
+            return None if row is None else _entity_from_row(row)
+        return await self._submit(lambda conn, staged: self._load(conn, staged, key), writes=False)  # type: ignore[no-any-return]
+
+    async def apply(self, change: Change) -> Committed:
+        return await self._submit(lambda conn, staged: self._apply_sync(conn, staged, change), writes=True)  # type: ignore[no-any-return]
+
+    async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
+        futures = [self._submit(functools.partial(self._apply_sync, change=ch), writes=True) for ch in changes]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        out: list[Committed | Exception] = []
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+            out.append(r)
+        return out
+
+    async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:
+        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> bool:
+            conn.execute("DELETE FROM webhook_signatures WHERE seen < ?", (time.time() - 2 * window,))
+            try:
+                conn.execute("INSERT INTO webhook_signatures (signature, seen) VALUES (?, ?)", (signature, seen_at))
+            except sqlite3.IntegrityError:
+                return False
+            return True
+
+        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+
+    async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
+        """Forget idempotency answers older than ``older_than`` seconds (kept 48 h by default)."""
+
+        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> int:
+            return conn.execute("DELETE FROM idempotency WHERE created < ?", (time.time() - older_than,)).rowcount
+
+        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=self.readonly)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.to_thread(lambda: fn(self._reader()))
+
+    async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT fingerprint, status, body FROM idempotency WHERE scope=? AND key=? AND created >= ?",
+                (scope, key, time.time() - IDEMPOTENCY_TTL),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
+
+    async def list_entities(self, query: EntityQuery) -> list[Entity]:
+        sql = [f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = ?"]
+        params: list[Any] = [query.entity_type]
+        if query.state is not None:
+            sql.append("AND state = ?")
+            params.append(query.state)
+        if query.capability is not None:
+            sql.append("AND EXISTS (SELECT 1 FROM json_each(data, '$.capabilities') WHERE value = ?)")
+            params.append(query.capability)
+        if query.id_prefix is not None:
+            sql.append("AND substr(entity_id, 1, ?) = ?")
+            params.extend([len(query.id_prefix), query.id_prefix])
+        if query.after_id is not None:
+            sql.append("AND entity_id > ?")
+            params.append(query.after_id)
+        sql.append("ORDER BY entity_id LIMIT ?")
+        params.append(query.limit)
+        rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
+        return [_entity_from_row(r) for r in rows]
+
+    async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
+        sql = ["SELECT body FROM audit WHERE 1=1"]
+        params: list[Any] = []
+        if query.entity_type is not None:
+            sql.append("AND entity_type = ?")
+            params.append(query.entity_type)
+        if query.entity_id is not None:
+            sql.append("AND entity_id = ?")
+            params.append(query.entity_id)
+        if query.entity_ids is not None:
+            sql.append(f"AND entity_id IN ({','.join('?' * len(query.entity_ids))})")
+            params.extend(query.entity_ids)
+        if query.outcome is not None:
+            sql.append("AND outcome = ?")
+            params.append(query.outcome)
+        if query.since is not None:
+            sql.append("AND recorded_at >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            sql.append("AND recorded_at <= ?")
+            params.append(query.until)
+        if query.after_id is not None:
+            sql.append("AND id < ?" if query.descending else "AND id > ?")
+            params.append(query.after_id)
+        sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT ?")
+        params.append(query.limit)
+        rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    def iter_records(self, conn: sqlite3.Connection, chunk: int = 10_000) -> Iterator[dict[str, Any]]:
+        """Every audit record in id order (which is ``seq`` order within each entity)."""
+        last = 0
+        while True:
+            rows = conn.execute("SELECT id, body FROM audit WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            for _, body in rows:
+                yield json.loads(body)
+            last = rows[-1][0]
+
+    def verify_sync(self, conn: sqlite3.Connection) -> audit.Verification:
+        verifier = audit.ChainVerifier()
+        conn.execute("BEGIN")
+        try:
+            for record in self.iter_records(conn):
+                verifier.add(record)
+            for etype, eid, seq, head in conn.execute("SELECT entity_type, entity_id, seq, head_hash FROM entities"):
+                verifier.head(etype, eid, seq, head)
+        finally:
+            conn.execute("COMMIT")
+        return verifier.finish()
+
+    async def verify(self) -> audit.Verification:
+        return await self._read(self.verify_sync)  # type: ignore[no-any-return]
+
+    # -- workflows --------------------------------------------------------------------------
+
+    async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
+        text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+
+        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> bool:
+            row = conn.execute(
+                "SELECT body FROM definitions WHERE definition_id = ? AND version = ?", (definition_id, version)
+            ).fetchone()
+            if row is not None:
+                if row[0] != text:
+                    raise Conflict(
+                        f"definition {definition_id!r} version {version!r} is stored with another body; "
+                        "a stored version is immutable: publish a new version",
+                        code="definition_exists",
+                    )
+                return False
+            conn.execute(
+                "INSERT INTO definitions (definition_id, version, body, created_at) VALUES (?,?,?,?)",
+                (definition_id, version, text, utc_now()),
+            )
+            return True
+
+        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+
+    async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
+        if version is None:
+            sql, params = _LATEST_DEFINITION, [definition_id]
+        else:
+            sql, params = _ONE_DEFINITION, [definition_id, version]
+        row = await self._read(lambda c: c.execute(sql, params).fetchone())
+        return None if row is None else json.loads(row[0])
+
+    async def list_definitions(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.execute("SELECT body FROM definitions ORDER BY n").fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
+        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> list[Timer]:
+            clock = time.time()
+            rows = conn.execute(
+                f"SELECT {_TIMER_COLUMNS} FROM timers WHERE due_at <= ? AND lease_until <= ? ORDER BY due_at LIMIT ?",
+                (now, clock, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE timers SET lease_until = ? WHERE key = ?", [(clock + lease_seconds, r[0]) for r in rows]
+            )
+            return [_timer_from_row(r) for r in rows]
+
+        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+
+    async def finish_timer(self, key: str) -> None:
+        await self._submit(lambda conn, staged: conn.execute("DELETE FROM timers WHERE key = ?", (key,)), writes=True)
+
+    async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
+        sql = [f"SELECT {_TIMER_COLUMNS} FROM timers WHERE 1=1"]
+        params: list[Any] = []
+        if entity_type is not None:
+            sql.append("AND entity_type = ?")
+            params.append(entity_type)
+        if entity_id is not None:
+            sql.append("AND entity_id = ?")
+            params.append(entity_id)
+        sql.append("ORDER BY due_at")
+        rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
+        return [_timer_from_row(r) for r in rows]
+
+
+_LATEST_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ? ORDER BY n DESC LIMIT 1"
+_ONE_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ? AND version = ?"
+_TIMER_COLUMNS = "key, due_at, kind, entity_type, entity_id, payload"
+
+
+def _timer_from_row(row: tuple[Any, ...]) -> Timer:
+    return Timer(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+def _deliver(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, exc in outcomes:
+        if future.done():
+            continue
+        if exc is not None:
+            future.set_exception(exc if isinstance(exc, (OpsCoreError, Exception)) else StorageError(str(exc)))
+        else:
+            future.set_result(result)
