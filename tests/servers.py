@@ -58,7 +58,9 @@ class Server:
         }
         argv = [sys.executable, "-m", "opscore", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.log_path is None:
-            self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
         else:
             with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
                 self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
