@@ -137,11 +137,16 @@ class AuditQuery:
 
 @dataclass(frozen=True, slots=True)
 class EntityQuery:
-    """A page request over entities of one type, ordered by id."""
+    """A page request over entities of one type, ordered by id.
+
+    ``seen_before`` keeps entities whose ``last_seen_at`` is older than it (or never set):
+    the liveness sweep's question.
+    """
 
     entity_type: str
     state: str | None = None
     capability: str | None = None
     id_prefix: str | None = None
+    seen_before: str | None = None
     after_id: str | None = None
     limit: int = 100

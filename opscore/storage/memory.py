@@ -80,6 +80,7 @@ class MemoryStore(Store):
                 and (query.capability is None or query.capability in e.data.get("capabilities", []))
                 and (query.after_id is None or eid > query.after_id)
                 and (query.id_prefix is None or eid.startswith(query.id_prefix))
+                and (query.seen_before is None or (e.last_seen_at or "") < query.seen_before)
             ),
             key=lambda e: e.entity_id,
         )

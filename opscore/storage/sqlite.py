@@ -506,6 +506,9 @@ class SQLiteStore(Store):
         if query.id_prefix is not None:
             sql.append("AND substr(entity_id, 1, ?) = ?")
             params.extend([len(query.id_prefix), query.id_prefix])
+        if query.seen_before is not None:
+            sql.append("AND COALESCE(last_seen_at, '') < ?")
+            params.append(query.seen_before)
         if query.after_id is not None:
             sql.append("AND entity_id > ?")
             params.append(query.after_id)
