@@ -8,8 +8,9 @@ one probe model placed in the current state, which the library then styles as ``
 - **Mermaid** (``graph_engine="mermaid"``) needs nothing installed. Mermaid state diagrams
   cannot style single edges, so the path is drawn with numbered labels (``begin_task #2 #4``),
   the states it passed through get the ``s_previous`` class, and a note beside the current state
-  lists the steps in order. Two fixes to the library's text: its front matter is made valid
-  YAML (``title: "agent"``), and terminal states get their ``--> [*]``.
+  lists the steps in order. Three touches to the library's text: its front matter is made valid
+  YAML (``title: "agent machine"``), terminal states get their ``--> [*]``, and trailing
+  blanks go (editors strip them, and the committed files are compared byte for byte).
 - **SVG** (``graph_engine="graphviz"``) needs the ``dot`` program (Debian/Ubuntu package
   ``graphviz``). Path edges are coloured and thickened, the latest step most, and numbered the
   same way. Without ``dot`` the call raises :class:`~opscore.errors.RendererMissing` (HTTP 501)
@@ -38,6 +39,7 @@ FORMATS: Final = ("mermaid", "svg")
 MEDIA_TYPES: Final = {"mermaid": "text/vnd.mermaid; charset=utf-8", "svg": "image/svg+xml"}
 EXTENSIONS: Final = {"mermaid": "mmd", "svg": "svg"}
 DEFAULT_LAST: Final = 10
+INITIAL_NODE: Final = "__initial__"
 MAX_LAST: Final = 100
 
 INSTALL_HINT: Final = (
@@ -200,7 +202,7 @@ def mermaid(
     """Mermaid ``stateDiagram-v2`` text of ``decl``; ``current`` highlighted, ``path`` numbered."""
     title = _title(decl, subject, current, path)
     graph = _build(decl, "mermaid", current, path, title)
-    lines: list[str] = graph.source.split("\n")
+    lines: list[str] = [line.rstrip() for line in graph.source.split("\n")]
     if lines[:1] != ["---"] or lines[2:3] != ["---"]:
         raise RuntimeError("unexpected Mermaid text from transitions: its front matter changed")
     lines[1] = f"title: {json.dumps(title, ensure_ascii=False)}"
@@ -235,6 +237,9 @@ def svg(
     graph = _build(decl, "graphviz", current, path, title)
     if not isinstance(graph, graphviz.Digraph):  # transitions fell back to Mermaid
         raise RendererMissing(INSTALL_HINT, format="svg", install="graphviz")
+    # Mermaid's [*] --> initial, which the library's Graphviz graph leaves out
+    graph.node(INITIAL_NODE, label="", shape="circle", style="filled", fillcolor="black", width="0.2")
+    graph.edge(INITIAL_NODE, decl["initial"])
     try:
         data: bytes = graph.pipe(format="svg")
     except graphviz.ExecutableNotFound as exc:
