@@ -53,16 +53,19 @@ def label(g: ET.Element) -> str:
     return " ".join(t.text or "" for t in g.iter(f"{SVG_NS}text"))
 
 
+def shape(g: ET.Element) -> ET.Element:
+    """The first drawn shape of a node or edge (a path, or an ellipse for the initial dot)."""
+    found = next((el for el in g if el.tag in {f"{SVG_NS}path", f"{SVG_NS}ellipse", f"{SVG_NS}polygon"}), None)
+    assert found is not None
+    return found
+
+
 def fill(g: ET.Element) -> str:
-    shape = g.find(f"{SVG_NS}path")
-    assert shape is not None
-    return shape.get("fill", "")
+    return shape(g).get("fill", "")
 
 
 def stroke(g: ET.Element) -> str:
-    shape = g.find(f"{SVG_NS}path")
-    assert shape is not None
-    return shape.get("stroke", "")
+    return shape(g).get("stroke", "")
 
 
 RECORDS = [
@@ -167,7 +170,7 @@ def test_svg_highlights_the_current_state_and_draws_the_path_distinctly() -> Non
     assert stroke(edges[("idle", "active")]) == styles["edge"]["latest"]["color"]
     assert stroke(edges[("active", "idle")]) == stroke(edges[("registered", "idle")]) == "#1f5fbf"
     assert stroke(edges[("idle", "error")]) == styles["edge"]["default"]["color"]
-    assert edges[("idle", "active")].find(f"{SVG_NS}path").get("stroke-width") == "3.5"  # type: ignore[union-attr]
+    assert shape(edges[("idle", "active")]).get("stroke-width") == "3.5"
 
 
 # -- without Graphviz ----------------------------------------------------------------------
