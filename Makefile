@@ -32,5 +32,11 @@ test: $(BIN)/.test-installed lint
 
 check: test
 
+# Regenerate diagrams/ from opscore/machines.py (SVG needs Graphviz's dot: apt-get install graphviz).
+# tests/test_diagrams.py fails when the committed files are stale.
+diagrams: $(BIN)/.installed
+	$(BIN)/opscore diagram --all --format mermaid --out diagrams
+	$(BIN)/opscore diagram --all --format svg --out diagrams
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage coverage.xml

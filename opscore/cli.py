@@ -1,6 +1,8 @@
 """``opscore``: serve, verify and export the audit log, and talk to a running server.
 
 opscore serve [--host H] [--port P] [--generate-key]
+opscore diagram (--machine NAME | --all) [--format mermaid|svg] [--out DIR]
+opscore diagram --agent ID [--last N] [--at ISO] [--format ...] [--out DIR]   (client)
 opscore audit verify [--file FILE.jsonl]
 opscore audit export --out FILE.jsonl
 opscore agents [--state S]            (client: OPSCORE_API_URL, OPSCORE_API_KEY)
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from opscore import audit
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
 
 
 def _env_key() -> str:
@@ -129,7 +133,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 def _client() -> Any:
     import httpx
 
-    base = os.environ.get("OPSCORE_API_URL", "http://127.0.0.1:8000")
+    base = os.environ.get("OPSCORE_API_URL", DEFAULT_API_URL)
     key = os.environ.get("OPSCORE_API_KEY") or _env_key()
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
@@ -159,6 +163,84 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _show(client.post(f"/v1/opscore/agent/{args.agent_id}/state", json=body))
 
 
+def write_diagrams(names: list[str], fmt: str, out: Path | None) -> list[Path]:
+    """Render the named machines; into ``out/<name>.<ext>``, or to stdout without ``out``."""
+    from opscore import diagrams
+    from opscore.machines import MACHINES
+
+    written: list[Path] = []
+    texts = [(name, diagrams.render(MACHINES[name], fmt)) for name in names]
+    for name, text in texts:
+        if out is None:
+            sys.stdout.write(text)
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"{name}.{diagrams.EXTENSIONS[fmt]}"
+        target.write_text(text, encoding="utf-8")
+        written.append(target)
+    return written
+
+
+def _fetch_diagram(args: argparse.Namespace) -> tuple[int, str, str]:
+    """(status, text, file stem) of an agent's or workflow run's diagram from a running server."""
+    from urllib.parse import quote
+
+    params: dict[str, Any] = {"format": args.format, "last": args.last}
+    if args.at:
+        params["at"] = args.at
+    if args.agent is not None:
+        path, stem = f"/v1/opscore/agent/{quote(args.agent, safe='')}/diagram", f"agent-{args.agent}"
+    else:
+        path, stem = f"/v1/opscore/workflows/{quote(args.workflow, safe='')}/diagram", f"workflow-{args.workflow}"
+    with _client() as client:
+        response = client.get(path, params=params)
+    return response.status_code, response.text, stem
+
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    from opscore import diagrams
+    from opscore.errors import OpsCoreError
+    from opscore.machines import MACHINES
+
+    out = Path(args.out) if args.out else None
+    if args.agent is not None or args.workflow is not None:
+        import httpx
+
+        try:
+            status, text, stem = _fetch_diagram(args)
+        except httpx.HTTPError as exc:
+            print(
+                f"cannot reach Ops-Core at {os.environ.get('OPSCORE_API_URL', DEFAULT_API_URL)}: {exc}", file=sys.stderr
+            )
+            return 2
+        if status >= 400:
+            print(text, file=sys.stderr)
+            return 1
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            target = out / f"{stem}.{diagrams.EXTENSIONS[args.format]}"
+            target.write_text(text, encoding="utf-8")
+            print(target)
+        return 0
+    names = list(MACHINES) if args.all else [args.machine]
+    if args.machine is not None and args.machine not in MACHINES:
+        print(f"no machine called {args.machine!r}; machines: {', '.join(MACHINES)}", file=sys.stderr)
+        return 2
+    if out is None and args.format == "svg" and len(names) > 1:
+        print("--all --format svg writes one file per machine: add --out DIR", file=sys.stderr)
+        return 2
+    try:
+        written = write_diagrams(names, args.format, out)
+    except OpsCoreError as exc:
+        print(exc.detail, file=sys.stderr)
+        return 2
+    for target in written:
+        print(target)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opscore", description="Ops-Core: state machines and audit for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("OPSCORE_PORT", "8000")))
     serve.add_argument("--generate-key", action="store_true", help="create an API key in .env when none is set")
     serve.set_defaults(func=cmd_serve)
+
+    diagram = sub.add_parser(
+        "diagram",
+        help="draw machines (Mermaid or SVG), or an agent's/workflow run's position and path (client)",
+        description="Machines are drawn locally from opscore/machines.py; --agent/--workflow ask a running "
+        "server (OPSCORE_API_URL, default http://127.0.0.1:8000; OPSCORE_API_KEY). SVG needs Graphviz's dot.",
+    )
+    which = diagram.add_mutually_exclusive_group(required=True)
+    which.add_argument("--machine", help="one declared machine: agent, workflow or task")
+    which.add_argument("--all", action="store_true", help="every declared machine")
+    which.add_argument("--agent", metavar="ID", help="an agent on a running server: highlighted, with its path")
+    which.add_argument("--workflow", metavar="SESSION_ID", help="a workflow run on a running server")
+    diagram.add_argument("--format", choices=["mermaid", "svg"], default="mermaid")
+    diagram.add_argument("--out", metavar="DIR", help="write <name>.mmd / <name>.svg into DIR instead of stdout")
+    diagram.add_argument("--last", type=int, default=10, help="(--agent/--workflow) transitions to number; 0 = none")
+    diagram.add_argument("--at", help="(--agent/--workflow) draw it as it was at this ISO-8601 time")
+    diagram.set_defaults(func=cmd_diagram)
 
     audit_p = sub.add_parser("audit", help="verify or export the audit log")
     audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)

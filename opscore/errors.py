@@ -6,7 +6,8 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     OpsCoreError
     ├── NotFound                  404
     │   ├── UnknownEntity         unknown_agent / unknown_workflow / unknown_entity
-    │   └── UnknownMachine        unknown_machine
+    │   ├── UnknownMachine        unknown_machine
+    │   └── NotYetCreated         not_yet_created    (asked about a moment before the entity existed)
     ├── Invalid                   422
     │   ├── UnknownState          unknown_state      (valid states listed)
     │   ├── UnknownTrigger        unknown_trigger    (valid triggers listed)
@@ -20,6 +21,7 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     ├── RevisionConflict          the store's compare-and-set lost; the engine retries it
     ├── Unauthorized              401
     ├── PayloadTooLarge           413 payload_too_large
+    ├── RendererMissing           501 renderer_missing (SVG without Graphviz's dot; detail says what to install)
     ├── Unavailable               503 (storage unreachable)
     └── StorageError              500: something broke that no input explains
 
@@ -63,6 +65,10 @@ class UnknownEntity(NotFound):
 
 class UnknownMachine(NotFound):
     code = "unknown_machine"
+
+
+class NotYetCreated(NotFound):
+    code = "not_yet_created"
 
 
 class Invalid(OpsCoreError):
@@ -124,6 +130,12 @@ class Unauthorized(OpsCoreError):
 
 class PayloadTooLarge(OpsCoreError):
     code = "payload_too_large"
+
+
+class RendererMissing(OpsCoreError):
+    """A diagram format whose renderer is not installed on this host (SVG needs Graphviz's ``dot``)."""
+
+    code = "renderer_missing"
 
 
 class Unavailable(OpsCoreError):

@@ -11,7 +11,7 @@ from fastapi import Depends, Header, Request
 
 from opscore.api.errors import render_error
 from opscore.config import Settings, match_key
-from opscore.engine import Context, Engine, Idempotency
+from opscore.engine import Context, Engine, Idempotency, normalise_time
 from opscore.errors import Invalid, Unauthorized
 from opscore.models import TransitionResult
 from opscore.storage.base import Store
@@ -125,3 +125,24 @@ def render_result(result: TransitionResult) -> tuple[int, dict[str, Any]]:
         "revision": entity.revision,
         "auditId": result.audit_id,
     }
+
+
+def parse_moment(value: str | None, name: str = "at") -> str | None:
+    """An ISO-8601 query time as fixed-width UTC text; 422 ``invalid_time`` when it is not one.
+
+    Naive times are UTC. An unencoded ``+`` in a query string arrives as a space
+    (``...T10:00:00 00:00``): that space is read back as the ``+`` it was.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    candidates = [text]
+    head, sep, tail = text.rpartition(" ")
+    if sep and "T" in head and len(tail) == 5 and tail[2] == ":":
+        candidates.append(f"{head}+{tail}")
+    for candidate in candidates:
+        try:
+            return normalise_time(candidate)
+        except (ValueError, OverflowError):
+            continue
+    raise Invalid(f"{name} must be an ISO-8601 time such as 2026-11-23T10:00:00Z, not {value!r}", code="invalid_time")

@@ -26,6 +26,7 @@ STATUS: dict[type[errors.OpsCoreError], int] = {
     errors.PreconditionFailed: 412,
     errors.Unauthorized: 401,
     errors.PayloadTooLarge: 413,
+    errors.RendererMissing: 501,
     errors.Unavailable: 503,
     errors.StorageError: 500,
     errors.OpsCoreError: 500,

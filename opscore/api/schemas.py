@@ -132,3 +132,13 @@ class MachineView(BaseModel):
 class ErrorBody(BaseModel):
     detail: str
     code: str
+
+
+class AgentStateAtView(AgentStateView):
+    """``GET /agent/{id}/state``; the fields below are present only with ``?at=``."""
+
+    at: str | None = Field(default=None, description="the moment asked about (UTC)")
+    seq: int | None = Field(default=None, description="seq of the chain's last record at that moment (0: none)")
+    asOfRecordId: int | None = Field(default=None, description="id of that record")
+    since: str | None = Field(default=None, description="recordedAt of the transition into this state")
+    previousState: str | None = Field(default=None, description="the state before that transition")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 
+from opscore import history
 from opscore.api.deps import (
     CallerDep,
     ContextDep,
@@ -14,12 +15,13 @@ from opscore.api.deps import (
     StoreDep,
     decode_cursor,
     encode_cursor,
+    parse_moment,
     render_result,
 )
 from opscore.api.schemas import (
     AgentDetails,
     AgentPage,
-    AgentStateView,
+    AgentStateAtView,
     AgentView,
     ErrorBody,
     StateReport,
@@ -144,20 +146,55 @@ async def report_state(agent_id: AgentId, body: StateReport, engine: EngineDep, 
 
 
 @router.get(
-    "/agent/{agent_id}/state", summary="An agent's current state", response_model=AgentStateView, responses=ERRORS
+    "/agent/{agent_id}/state",
+    summary="An agent's state, now or at any past moment",
+    response_model=AgentStateAtView,
+    responses=ERRORS,
 )
-async def get_state(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> JSONResponse:
-    """The state, the details and timestamp of the newest accepted report, and the revision."""
+async def get_state(
+    agent_id: AgentId,
+    engine: EngineDep,
+    actor: CallerDep,
+    at: Annotated[
+        str | None,
+        Query(description="the state at this ISO-8601 time, replayed from the agent's audit chain; default: now"),
+    ] = None,
+) -> JSONResponse:
+    """The state, the details and timestamp of the newest accepted report, and the revision.
+
+    With `at`: the state replayed from the applied audit records with `recordedAt <= at`, plus
+    `at`, `seq` and `asOfRecordId` (the chain's last record then), `since` (when it entered that
+    state) and `previousState`; `details`/`timestamp` come from that last applied record. Before
+    the first record the agent is in `registered` at revision 0; before it existed, 404
+    `not_yet_created`.
+    """
+    moment = parse_moment(at)
     entity = await engine.get("agent", agent_id)
+    if moment is None:
+        return JSONResponse(
+            {
+                "agentId": entity.entity_id,
+                "state": entity.state,
+                "details": entity.last_details,
+                "timestamp": entity.last_report_at or entity.updated_at,
+                "revision": entity.revision,
+            },
+            headers={"ETag": f'"{entity.revision}"'},
+        )
+    snap = await history.at(engine.store, entity, engine.fsm("agent").initial, moment, last=0)
     return JSONResponse(
         {
             "agentId": entity.entity_id,
-            "state": entity.state,
-            "details": entity.last_details,
-            "timestamp": entity.last_report_at or entity.updated_at,
-            "revision": entity.revision,
-        },
-        headers={"ETag": f'"{entity.revision}"'},
+            "state": snap.state,
+            "details": snap.details,
+            "timestamp": snap.timestamp,
+            "revision": snap.revision,
+            "at": snap.at,
+            "seq": snap.seq,
+            "asOfRecordId": snap.as_of_record_id,
+            "since": snap.since,
+            "previousState": snap.previous_state,
+        }
     )
 
 

@@ -1,0 +1,145 @@
+"""Diagrams: every declared machine, and one agent's or workflow run's position and recent path.
+
+Parse, ask (the store through ``history``, then the pure ``diagrams``), answer text. Mermaid is
+drawn in the request; SVG runs Graphviz's ``dot`` in a worker thread so the event loop never
+waits on it. Without ``dot``, SVG answers 501 ``renderer_missing`` saying what to install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import Response
+
+from opscore import diagrams, history
+from opscore.api.deps import CallerDep, EngineDep, parse_moment
+from opscore.api.schemas import ErrorBody
+from opscore.engine import Engine
+from opscore.errors import UnknownMachine
+from opscore.machines import MACHINES
+
+router = APIRouter(prefix="/v1/opscore", tags=["diagrams"])
+
+Format = Annotated[
+    Literal["mermaid", "svg"],
+    Query(description="`mermaid` (text, needs nothing installed) or `svg` (needs Graphviz's `dot` on the server)"),
+]
+Last = Annotated[
+    int,
+    Query(
+        ge=0,
+        le=diagrams.MAX_LAST,
+        description="how many of the latest applied transitions to draw, numbered #1 (oldest) to #n; 0 = none",
+    ),
+]
+At = Annotated[
+    str | None,
+    Query(description="draw it as it was at this ISO-8601 time, replayed from its audit chain; default: now"),
+]
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 422, 501)}
+DIAGRAM_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the diagram",
+        "content": {
+            "text/vnd.mermaid": {"schema": {"type": "string"}},
+            "image/svg+xml": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+async def draw(fmt: str, decl: dict[str, Any], **kwargs: Any) -> Response:
+    if fmt == "svg":
+        text = await asyncio.to_thread(diagrams.svg, decl, **kwargs)
+    else:
+        text = diagrams.mermaid(decl, **kwargs)
+    return Response(content=text, media_type=diagrams.MEDIA_TYPES[fmt])
+
+
+async def draw_entity(
+    engine: Engine, entity_type: str, entity_id: str, fmt: str, last: int, at: str | None, label: str
+) -> Response:
+    """One entity on its machine: highlighted where it is (or was at ``at``), its path numbered."""
+    moment = parse_moment(at)
+    entity = await engine.get(entity_type, entity_id)
+    fsm = engine.fsm(entity_type)
+    if moment is None:
+        snap = await history.now(engine.store, entity, last)
+        subject = f"{label} {entity_id}"
+    else:
+        snap = await history.at(engine.store, entity, fsm.initial, moment, last)
+        subject = f"{label} {entity_id} at {moment}"
+    path = diagrams.path_steps(snap.path, last)
+    return await draw(fmt, MACHINES[entity_type], current=snap.state, path=path, subject=subject)
+
+
+@router.get(
+    "/machines/{name}/diagram",
+    summary="Diagram of one declared machine",
+    response_class=Response,
+    responses={**DIAGRAM_CONTENT, **ERRORS},
+)
+async def machine_diagram(name: str, actor: CallerDep, format: Format = "mermaid") -> Response:
+    """Mermaid `stateDiagram-v2` text or SVG, drawn from the declaration the engine runs."""
+    if name not in MACHINES:
+        raise UnknownMachine(f"no machine called {name!r}; machines: {', '.join(MACHINES)}", valid=list(MACHINES))
+    return await draw(format, MACHINES[name])
+
+
+@router.get(
+    "/agent/{agent_id}/diagram",
+    summary="An agent on the agent machine: where it is and how it got there",
+    response_class=Response,
+    responses={**DIAGRAM_CONTENT, **ERRORS},
+)
+async def agent_diagram(
+    agent_id: Annotated[str, Path(min_length=1, max_length=256)],
+    engine: EngineDep,
+    actor: CallerDep,
+    format: Format = "mermaid",
+    last: Last = diagrams.DEFAULT_LAST,
+    at: At = None,
+) -> Response:
+    """The agent machine with the agent's state highlighted and its last `last` applied transitions
+    numbered; `at` draws it as it was then (404 `not_yet_created` before the agent existed)."""
+    return await draw_entity(engine, "agent", agent_id, format, last, at, "agent")
+
+
+@router.get(
+    "/workflows/{session_id}/diagram",
+    summary="A workflow run on the workflow machine",
+    response_class=Response,
+    responses={**DIAGRAM_CONTENT, **ERRORS},
+)
+async def workflow_diagram(
+    session_id: Annotated[str, Path(min_length=1, max_length=256)],
+    engine: EngineDep,
+    actor: CallerDep,
+    format: Format = "mermaid",
+    last: Last = diagrams.DEFAULT_LAST,
+    at: At = None,
+) -> Response:
+    """The run (`workflow` entity `sessionId`) highlighted, with its recent path; 404 `unknown_workflow`."""
+    return await draw_entity(engine, "workflow", session_id, format, last, at, "workflow run")
+
+
+@router.get(
+    "/workflows/{session_id}/tasks/{task_id}/diagram",
+    summary="One task of a workflow run on the task machine",
+    response_class=Response,
+    responses={**DIAGRAM_CONTENT, **ERRORS},
+)
+async def task_diagram(
+    session_id: Annotated[str, Path(min_length=1, max_length=256)],
+    task_id: Annotated[str, Path(min_length=1, max_length=256)],
+    engine: EngineDep,
+    actor: CallerDep,
+    format: Format = "mermaid",
+    last: Last = diagrams.DEFAULT_LAST,
+    at: At = None,
+) -> Response:
+    """The task (`task` entity `<sessionId>:<taskId>`) highlighted, with its recent path; 404 `unknown_task`."""
+    return await draw_entity(engine, "task", f"{session_id}:{task_id}", format, last, at, "task")
