@@ -73,6 +73,10 @@ def post_webhook(
     return httpx.post(
         base_url + "/v1/opscore/internal/agent/notify",
         content=body,
-        headers={"X-AgentKit-Timestamp": stamp, "X-AgentKit-Signature": sig, "Content-Type": "application/json"},
+        headers={
+            "X-AgentKit-Timestamp": stamp.encode(),
+            "X-AgentKit-Signature": sig.encode(),  # bytes: lets a test send non-ASCII
+            "Content-Type": "application/json",
+        },
         timeout=30,
     )
