@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from datetime import UTC, datetime
 
 from opscore.errors import Unauthorized
@@ -51,12 +52,14 @@ def check_signature(
     if not timestamp or not signature:
         raise Unauthorized("X-AgentKit-Timestamp and X-AgentKit-Signature are required", code="bad_signature")
     sent = parse_timestamp(timestamp)
-    if abs(now - sent) > window:
+    if not math.isfinite(sent) or abs(now - sent) > window:  # "nan" passes any comparison
         raise Unauthorized(f"X-AgentKit-Timestamp is more than {window:g} s from now", code="stale_timestamp")
     presented = signature.strip().lower().removeprefix("sha256=")
+    # compare bytes: compare_digest raises TypeError for str holding non-ASCII characters
+    presented_bytes = presented.encode("utf-8", "surrogateescape")
     matched = False
     for secret in secrets:
-        if hmac.compare_digest(sign(secret, timestamp, body), presented):
+        if hmac.compare_digest(sign(secret, timestamp, body).encode(), presented_bytes):
             matched = True
     if not matched:
         raise Unauthorized("X-AgentKit-Signature does not match the body", code="bad_signature")

@@ -195,10 +195,19 @@ def verify(records: Iterable[dict[str, Any]], heads: Iterable[tuple[str, str, in
 
 
 def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Parse an exported JSON Lines file, skipping blank lines."""
-    for line in lines:
+    """Parse an exported JSON Lines file, skipping blank lines.
+
+    ``ValueError`` naming the line when one is not a JSON object (a truncated or garbled file).
+    """
+    for number, line in enumerate(lines, start=1):
         if line.strip():
-            yield json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number} is not JSON: {exc}") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"line {number} is not a JSON object")
+            yield record
 
 
 def replay(records: Iterable[dict[str, Any]], initial: str) -> str:

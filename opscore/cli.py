@@ -92,8 +92,12 @@ async def _verify_db() -> audit.Verification:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     if args.file:
-        with open(args.file, encoding="utf-8") as fh:
-            result = audit.verify(audit.read_jsonl(fh))
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                result = audit.verify(audit.read_jsonl(fh))
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or not JSON Lines
+            print(f"opscore audit verify: {args.file}: {exc}", file=sys.stderr)
+            return 1
     else:
         result = asyncio.run(_verify_db())
     print(json.dumps(result.to_dict(), indent=2))

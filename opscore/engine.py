@@ -31,6 +31,7 @@ from opscore.errors import (
     Conflict,
     IdempotencyKeyReused,
     IllegalTransition,
+    Invalid,
     OpsCoreError,
     PreconditionFailed,
     RevisionConflict,
@@ -179,11 +180,18 @@ class _KeyedLocks:
 
 
 def normalise_time(value: datetime | str) -> str:
-    """Any ISO-8601 time (naive means UTC) as the fixed-width UTC text the stores compare."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+    """Any ISO-8601 time (naive means UTC) as the fixed-width UTC text the stores compare.
+
+    ``Invalid`` (422) for text that is no ISO-8601 time and for a valid time with no UTC
+    equivalent (``0001-01-01T00:00:00+05:00`` and ``9999-12-31T23:59:59-05:00`` overflow).
+    """
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).isoformat(timespec="microseconds")
+    except (ValueError, OverflowError) as exc:
+        raise Invalid(f"{value!s} is not a time between years 1 and 9999 in UTC", code="invalid_timestamp") from exc
 
 
 class Engine:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opscore import __version__
@@ -17,7 +18,7 @@ from opscore.api.deps import render_result
 from opscore.api.routes import agents, audit, diagrams, health, machines, webhooks
 from opscore.config import Settings
 from opscore.engine import Engine
-from opscore.errors import PayloadTooLarge, StorageError
+from opscore.errors import StorageError
 from opscore.logs import configure
 from opscore.storage import open_store
 
@@ -64,7 +65,9 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                    # An HTTPException, not an OpsCoreError: FastAPI turns any other exception raised
+                    # while it reads the body into "400 There was an error parsing the body".
+                    raise HTTPException(413, f"request body is over the limit of {limit} bytes")
             return message
 
         rid = scope["opscore.request_id"].encode("latin-1")

@@ -2,15 +2,56 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENTITY_ID = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f/]+$")
 
+MAX_NESTING = 64
+"""Deepest nesting accepted in a body: records add a few levels and pydantic stops serialising at 255."""
 
-class AgentDetails(BaseModel):
+
+def check_json_safe(value: Any, depth: int = 0) -> None:
+    """Refuse what Python's JSON parsers accept but no JSON output can hold.
+
+    ``json.loads`` (FastAPI) and pydantic's parser accept ``NaN``/``Infinity`` and lone
+    surrogates (``"\\ud800"``); stored, they break the canonical bytes of an audit record
+    (not UTF-8, not JSON) and every later answer that shows them. Deep nesting is stored
+    fine but cannot be served back. All three are bad input: 422 at the door.
+    """
+    if depth > MAX_NESTING:
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("NaN and Infinity are not JSON numbers")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("strings must be valid Unicode (no lone surrogates)") from exc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json_safe(key, depth + 1)
+            check_json_safe(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_json_safe(item, depth + 1)
+
+
+class Wire(BaseModel):
+    """Base of every request body: the raw input must be representable as JSON again."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_safe(cls, data: Any) -> Any:
+        check_json_safe(data)
+        return data
+
+
+class AgentDetails(Wire):
     """An agent as AgentKit describes it (the webhook's ``agent_details``)."""
 
     model_config = ConfigDict(extra="allow")
@@ -23,14 +64,14 @@ class AgentDetails(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class WebhookEvent(BaseModel):
+class WebhookEvent(Wire):
     """AgentKit's registration webhook body."""
 
     event_type: Literal["REGISTER", "DEREGISTER"]
     agent_details: AgentDetails
 
 
-class StateReport(BaseModel):
+class StateReport(Wire):
     """A state report as AgentKit's SDK sends it."""
 
     agentId: str | None = Field(default=None, description="must equal the path's agent id when present")
@@ -39,7 +80,7 @@ class StateReport(BaseModel):
     details: dict[str, Any] | None = Field(default=None, description="free-form; may carry opscore_task_id")
 
 
-class TriggerRequest(BaseModel):
+class TriggerRequest(Wire):
     """An operator asks for a trigger by name."""
 
     trigger: str = Field(min_length=1, max_length=64)

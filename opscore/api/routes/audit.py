@@ -41,7 +41,8 @@ async def audit_page(
 ) -> dict[str, Any]:
     """One page of records and the cursor of the next (``None`` on the last page)."""
     after = decode_cursor(cursor, order)
-    if after is not None and not isinstance(after, int):
+    # bool is an int, and an int past 2**63 makes sqlite3/psycopg raise OverflowError (a 500)
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
         raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
     query = AuditQuery(
         entity_type=entity_type,
