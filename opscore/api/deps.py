@@ -143,6 +143,6 @@ def parse_moment(value: str | None, name: str = "at") -> str | None:
     for candidate in candidates:
         try:
             return normalise_time(candidate)
-        except (ValueError, OverflowError):
+        except Invalid:
             continue
     raise Invalid(f"{name} must be an ISO-8601 time such as 2026-11-23T10:00:00Z, not {value!r}", code="invalid_time")
