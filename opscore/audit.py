@@ -180,6 +180,13 @@ class ChainVerifier:
             )
 
     def finish(self) -> Verification:
+        """The result; when heads were given, a chain whose entity row is gone is a problem too."""
+        if self._heads:
+            for (etype, eid), chain in self._chains.items():
+                if (etype, eid) not in self._heads:
+                    self.result.problems.append(
+                        Problem(etype, eid, chain.seq, "records exist but the entity row (the chain's head) is missing")
+                    )
         self.result.entities = len(self._heads.union(self._chains))
         return self.result
 

@@ -195,3 +195,53 @@ def test_replay_follows_applied_records_only() -> None:
     rejected = dict(records[2], outcome="rejected", dest="error")
     assert audit.replay([*records[:2], rejected], "idle") == "idle"
     assert audit.replay([], "registered") == "registered"
+
+
+def test_a_chain_whose_entity_row_is_gone_is_reported() -> None:
+    records = []
+    prev = audit.GENESIS
+    for seq, eid in enumerate(["a", "a"], start=1):
+        draft = audit.draft(
+            entity_type="agent",
+            entity_id=eid,
+            event="ready",
+            source="registered",
+            dest="idle",
+            outcome="applied",
+            reason=None,
+            actor="t",
+            request_id=None,
+            details={},
+            reported_at=None,
+        )
+        record = audit.seal(
+            draft, record_id=seq, seq=seq, prev_hash=prev, recorded_at="2026-11-24T00:00:00.000000+00:00"
+        )
+        prev = record["hash"]
+        records.append(record)
+    other = audit.seal(
+        audit.draft(
+            entity_type="agent",
+            entity_id="b",
+            event="ready",
+            source="registered",
+            dest="idle",
+            outcome="applied",
+            reason=None,
+            actor="t",
+            request_id=None,
+            details={},
+            reported_at=None,
+        ),
+        record_id=3,
+        seq=1,
+        prev_hash=audit.GENESIS,
+        recorded_at="2026-11-24T00:00:00.000000+00:00",
+    )
+    intact = audit.verify([*records, other], [("agent", "a", 2, prev), ("agent", "b", 1, other["hash"])])
+    assert intact.ok
+    missing_row = audit.verify([*records, other], [("agent", "a", 2, prev)])
+    assert not missing_row.ok
+    assert [(p.entity_id, p.problem) for p in missing_row.problems] == [
+        ("b", "records exist but the entity row (the chain's head) is missing")
+    ]
