@@ -7,17 +7,19 @@ id counter, no replay memory. What makes that correct:
 - **Row locks, then compare-and-set.** :meth:`PostgresStore.apply` runs one transaction:
   ``SELECT … FOR UPDATE`` on the entity row, :func:`~opscore.storage.base.next_entity` on
   what it read (``RevisionConflict`` when another replica moved the entity since the engine
-  decided; the engine retries from a fresh read), then the audit record, the entity, the
-  idempotency answer and the timers. Two replicas racing on one entity queue on the row
-  lock, so they never both apply from the same revision and ``seq`` stays gap-free.
-- **Ids after the lock.** The record id comes from the ``audit_ids`` sequence, taken *after*
-  the row lock is held (the id is hashed into the record, so it must exist before the
-  insert). So within one entity the ids grow in ``seq`` order, which is what lets
-  :meth:`verify` stream every chain in id order. Across entities ids are unique and grow,
-  but a transaction that rolls back leaves a gap, and concurrent commits may become visible
-  slightly out of id order.
-- **One clock for records.** ``recordedAt`` is the database's ``clock_timestamp()``, read
-  with the id, so records of one entity are in time order even when replicas' clocks differ.
+  decided; the engine retries from a fresh read), then ONE statement writing the audit
+  record, the idempotency answer and the entity (data-modifying CTEs), then timers if any.
+  Two replicas racing on one entity queue on the row lock, so they never both apply from
+  the same revision and ``seq`` stays gap-free; a unique index on (entity, seq) backs it up.
+- **Ids after the lock.** The record id comes from the ``audit_ids`` sequence, taken in the
+  same statement as the lock but evaluated on the already locked row (the id is hashed into
+  the record, so it must exist before the insert). So within one entity the ids grow in
+  ``seq`` order, which is what lets :meth:`verify` stream every chain in id order. Across
+  entities ids are unique and grow, but a transaction that rolls back leaves a gap, and
+  concurrent commits may become visible slightly out of id order.
+- **One clock.** ``recordedAt`` and the entity's times are the database's
+  ``clock_timestamp()``, read under the lock, so records of one entity are in time order
+  even when the replicas' clocks differ.
 - **Everything shared is in tables**: idempotency answers, webhook signatures (replay
   protection across replicas), definitions, timers (claimed with ``FOR UPDATE SKIP LOCKED``
   and leased by the database clock).
@@ -141,10 +143,16 @@ _ENTITY_COLUMNS = (
     "last_seen_at, last_report_at, last_details"
 )
 _SELECT_ENTITY = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = %s"
-_LOCK_ENTITY = _SELECT_ENTITY + " FOR UPDATE"
+# The row lock, then (only when the change writes a record) the record id and the time: the
+# outer SELECT is evaluated on rows the MATERIALIZED CTE has already locked, so a chain's ids
+# and recordedAt grow with its seq even when replicas race. One round trip for all three.
+_LOCK_ENTITY = (
+    f"WITH locked AS MATERIALIZED ({_SELECT_ENTITY} FOR UPDATE) "
+    "SELECT locked.*, CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp() FROM locked"
+)
 _INSERT_ENTITY = (
     f"INSERT INTO entities ({_ENTITY_COLUMNS}, capabilities) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-    "ON CONFLICT (entity_type, entity_id) DO NOTHING"
+    "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING 1"
 )
 _UPDATE_ENTITY = (
     "UPDATE entities SET state=%s, revision=%s, seq=%s, head_hash=%s, data=%s, updated_at=%s, last_seen_at=%s, "
@@ -153,7 +161,8 @@ _UPDATE_ENTITY = (
 _INSERT_AUDIT = (
     "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (%s,%s,%s,%s,%s,%s,%s)"
 )
-_NEXT_RECORD = "SELECT nextval('audit_ids'), clock_timestamp()"
+_INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
+_NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp()"
 _TIMER_COLUMNS = "key, due_at, kind, entity_type, entity_id, payload"
 _CLAIMED_COLUMNS = ", ".join("t." + c for c in _TIMER_COLUMNS.split(", "))
 
@@ -214,6 +223,79 @@ def _utc_text(moment: datetime) -> str:
 def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
     for (body,) in bodies:
         verifier.add(json.loads(body))
+
+
+def _entity_params(e: Entity) -> tuple[Any, ...]:
+    return (
+        e.entity_type,
+        e.entity_id,
+        e.state,
+        e.revision,
+        e.seq,
+        e.head_hash,
+        _dumps(e.data),
+        e.created_at,
+        e.updated_at,
+        e.last_seen_at,
+        e.last_report_at,
+        _dumps(e.last_details),
+        _capabilities(e.data),
+    )
+
+
+_WRITES: dict[tuple[bool, bool, bool], str] = {}
+
+
+def _write(
+    entity: Entity | None, record: dict[str, Any] | None, idempotency: IdempotencyEntry | None
+) -> tuple[str, tuple[Any, ...]]:
+    """ONE statement for the rest of a change: audit record, idempotency answer, entity update.
+
+    Data-modifying CTEs all run, whatever the outer statement reads; a duplicate idempotency
+    key fails the statement with ``idempotency_pkey``. ``entity`` is ``None`` when it was
+    just inserted. Fewer statements is what matters here: each costs a round trip and about
+    as much Python in psycopg as the rest of the write.
+    """
+    shape = (record is not None, idempotency is not None, entity is not None)
+    params: list[Any] = []
+    if record is not None:
+        params += [
+            record["id"],
+            record["entityType"],
+            record["entityId"],
+            record["seq"],
+            record["outcome"],
+            record["recordedAt"],
+            _dumps(record),
+        ]
+    if idempotency is not None:
+        entry = stored_answer(idempotency, record)
+        params += [entry.scope, entry.key, entry.fingerprint, entry.status, _dumps(entry.body)]
+    if entity is not None:
+        params += [
+            entity.state,
+            entity.revision,
+            entity.seq,
+            entity.head_hash,
+            _dumps(entity.data),
+            entity.updated_at,
+            entity.last_seen_at,
+            entity.last_report_at,
+            _dumps(entity.last_details),
+            _capabilities(entity.data),
+            entity.entity_type,
+            entity.entity_id,
+        ]
+    sql = _WRITES.get(shape)
+    if sql is None:
+        parts = []
+        if shape[0]:
+            parts.append(f"a AS ({_INSERT_AUDIT})")
+        if shape[1]:
+            parts.append(f"i AS ({_INSERT_IDEMPOTENCY})")
+        head = f"WITH {', '.join(parts)} " if parts else ""
+        sql = _WRITES[shape] = head + (_UPDATE_ENTITY if shape[2] else "SELECT 1")
+    return sql, tuple(params)
 
 
 class PostgresStore(Store):
@@ -329,91 +411,43 @@ class PostgresStore(Store):
         return None if row is None else _entity_from_row(row)
 
     async def apply(self, change: Change) -> Committed:
-        async with self._connection() as conn, conn.transaction():
-            return await self._apply(conn, change)
+        """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT."""
+        async with self._connection() as conn:
+            try:
+                async with conn.transaction():
+                    return await self._apply(conn, change)
+            except pg_errors.UniqueViolation as exc:
+                if exc.diag.constraint_name == "idempotency_pkey":
+                    raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
+                # audit_chain cannot be violated under the row lock; if it were, retry from a fresh read
+                raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} moved: {exc}") from exc
 
     async def _apply(self, conn: psycopg.AsyncConnection[tuple[Any, ...]], change: Change) -> Committed:
         key = (change.entity_type, change.entity_id)
+        wants_id = change.record is not None
         for _ in range(8):
-            row = await (await conn.execute(_LOCK_ENTITY, key)).fetchone()
-            current = None if row is None else _entity_from_row(row)
-            if current is None and change.create is None:
-                raise UnknownEntity(change.entity_type, change.entity_id)
-            record_id, now = None, None
-            if change.record is not None:
-                # After the row lock: ids and times of one entity's records grow with seq.
-                ids = await (await conn.execute(_NEXT_RECORD)).fetchone()
+            row = await (await conn.execute(_LOCK_ENTITY, (*key, wants_id))).fetchone()
+            if row is None:
+                if change.create is None:
+                    raise UnknownEntity(change.entity_type, change.entity_id)
+                ids = await (await conn.execute(_NEXT_RECORD, (wants_id,))).fetchone()
                 assert ids is not None
-                record_id, now = int(ids[0]), _utc_text(ids[1])
-            new, record, created = next_entity(current, change, now=now or utc_now(), record_id=record_id)
-            caps = _capabilities(new.data)
-            if created:
-                cur = await conn.execute(
-                    _INSERT_ENTITY,
-                    (
-                        new.entity_type,
-                        new.entity_id,
-                        new.state,
-                        new.revision,
-                        new.seq,
-                        new.head_hash,
-                        _dumps(new.data),
-                        new.created_at,
-                        new.updated_at,
-                        new.last_seen_at,
-                        new.last_report_at,
-                        _dumps(new.last_details),
-                        caps,
-                    ),
-                )
-                if cur.rowcount == 0:
-                    continue  # another transaction created it meanwhile: lock that row and redo
+                current, (record_id, clock) = None, ids
             else:
-                await conn.execute(
-                    _UPDATE_ENTITY,
-                    (
-                        new.state,
-                        new.revision,
-                        new.seq,
-                        new.head_hash,
-                        _dumps(new.data),
-                        new.updated_at,
-                        new.last_seen_at,
-                        new.last_report_at,
-                        _dumps(new.last_details),
-                        caps,
-                        new.entity_type,
-                        new.entity_id,
-                    ),
-                )
-            break
+                current, record_id, clock = _entity_from_row(row), row[-2], row[-1]
+            now = _utc_text(clock)
+            new, record, created = next_entity(current, change, now=now, record_id=record_id)
+            if not created:
+                await conn.execute(*_write(new, record, change.idempotency))
+                break
+            cur = await conn.execute(_INSERT_ENTITY, _entity_params(new))
+            if await cur.fetchone() is not None:
+                if record is not None or change.idempotency is not None:
+                    await conn.execute(*_write(None, record, change.idempotency))
+                break
+            # Another transaction created it meanwhile (ON CONFLICT waited for its commit): lock that row, redo.
         else:
             raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} could not be created; try again")
-        if record is not None:
-            try:
-                await conn.execute(
-                    _INSERT_AUDIT,
-                    (
-                        record["id"],
-                        new.entity_type,
-                        new.entity_id,
-                        record["seq"],
-                        record["outcome"],
-                        record["recordedAt"],
-                        _dumps(record),
-                    ),
-                )
-            except pg_errors.UniqueViolation as exc:  # cannot happen under the row lock; never half-apply
-                raise RevisionConflict(f"audit chain of {key} moved: {exc}") from exc
-        if change.idempotency is not None:
-            entry = stored_answer(change.idempotency, record)
-            cur = await conn.execute(
-                "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s) "
-                "ON CONFLICT (scope, key) DO NOTHING",
-                (entry.scope, entry.key, entry.fingerprint, entry.status, _dumps(entry.body)),
-            )
-            if cur.rowcount == 0:  # raising rolls the whole change back
-                raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use")
         if change.cancel_timers:
             await conn.execute("DELETE FROM timers WHERE key = ANY(%s)", (list(change.cancel_timers),))
         for t in change.timers:
