@@ -310,8 +310,10 @@ class PostgresStore(Store):
         min_size: int | None = None,
         max_size: int | None = None,
         timeout: float | None = None,
+        readonly: bool = False,
     ) -> None:
         self.url = url
+        self.readonly = readonly
         self.min_size = min_size if min_size is not None else _env_int("OPSCORE_PG_POOL_MIN", 2)
         self.max_size = max_size if max_size is not None else _env_int("OPSCORE_PG_POOL_MAX", 10)
         self.max_size = max(self.max_size, self.min_size, 1)
@@ -338,7 +340,7 @@ class PostgresStore(Store):
             raise Unavailable(f"PostgreSQL is unreachable: no connection within {self.timeout:g} s") from exc
         self._pool = pool
         try:
-            await self.migrate()
+            await (self.check_version() if self.readonly else self.migrate())
         except BaseException:
             await self.close()
             raise
@@ -379,6 +381,21 @@ class PostgresStore(Store):
             elif version != SCHEMA_VERSION:
                 await conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
         return SCHEMA_VERSION
+
+    async def check_version(self) -> int:
+        """For a process that only reads (``opscore audit verify``): no DDL, refuse unknown schemas."""
+        async with self._connection() as conn:
+            try:
+                row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+            except pg_errors.UndefinedTable as exc:
+                raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
+                code="schema_mismatch",
+            )
+        return version
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:

@@ -4,7 +4,12 @@ URL, pool settings, and psycopg's failures translated where they enter."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -126,3 +131,42 @@ def test_pool_sizes_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("OPSCORE_PG_POOL_MIN")
     monkeypatch.delenv("OPSCORE_PG_POOL_MAX")
     assert (PostgresStore(PG_URL).min_size, PostgresStore(PG_URL).max_size) == (2, 10)
+
+
+def test_a_read_only_open_never_creates_tables(pg_url: str) -> None:
+    from opscore.storage.postgres import PostgresStore
+
+    with pytest.raises(StorageError) as refused:
+        asyncio.run(PostgresStore(pg_url, readonly=True).open())
+    assert refused.value.code == "not_opscore"
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()").fetchone() == (0,)
+
+
+def test_the_cli_verifies_and_exports_a_postgresql_audit(pg_url: str, tmp_path: Path) -> None:
+    from tests.servers import ROOT
+    from tests.storage.test_contract import step
+
+    async def fill() -> None:
+        store = open_store(pg_url)
+        await store.open()
+        try:
+            for i in range(6):
+                await step(store, f"a{i % 2}")
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    env = {**os.environ, "OPSCORE_DATABASE_URL": pg_url, "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "opscore", "audit"]
+    verified = subprocess.run([*cli, "verify"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["records"] == 6
+    out = tmp_path / "audit.jsonl"
+    exported = subprocess.run(
+        [*cli, "export", "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, timeout=60
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert len(out.read_text().splitlines()) == 6
+    offline = subprocess.run([*cli, "verify", "--file", str(out)], env=env, capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0 and json.loads(offline.stdout)["ok"] is True
