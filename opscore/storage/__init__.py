@@ -12,9 +12,9 @@ def open_store(url: str, *, readonly: bool = False) -> Store:
 
         return SQLiteStore(path_from_url(url), readonly=readonly)
     if url.startswith(("postgresql://", "postgres://")):
-        from opscore.storage.postgres import PostgresStore  # type: ignore[import-not-found, unused-ignore]
+        from opscore.storage.postgres import PostgresStore
 
-        return PostgresStore(url)  # type: ignore[no-any-return, unused-ignore]
+        return PostgresStore(url, readonly=readonly)
     if url.startswith("memory://"):
         from opscore.storage.memory import MemoryStore
 

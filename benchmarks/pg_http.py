@@ -1,0 +1,149 @@
+"""State-report throughput over HTTP with wrk: SQLite (one process) vs PostgreSQL (1..N replicas).
+
+    python -m benchmarks.pg_http --backend postgres --replicas 2 --duration 30 --connections 64
+
+Starts ``opscore serve`` processes on a fresh database (a temporary SQLite file, or a new
+schema in ``OPSCORE_BENCH_DATABASE_URL`` / ``OPSCORE_TEST_DATABASE_URL``, dropped at the end),
+brings ``--agents`` agents to ``idle``, then runs one ``wrk`` per replica at the same time,
+the connections split between them, each wrk on its own agents (``benchmarks/pg_http.lua``:
+legal idle/active reports, increasing timestamps). Afterwards it checks that every answer
+was 200 and that the audit verifies, and prints one JSON line with the summed throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from tests.servers import Server
+
+LUA = Path(__file__).resolve().parent / "pg_http.lua"
+
+
+@contextmanager
+def database(backend: str) -> Iterator[str]:
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            yield f"sqlite:///{tmp}/bench.db"
+        return
+    base = os.environ.get("OPSCORE_BENCH_DATABASE_URL") or os.environ.get("OPSCORE_TEST_DATABASE_URL")
+    if not base:
+        sys.exit("set OPSCORE_BENCH_DATABASE_URL (or OPSCORE_TEST_DATABASE_URL) to a PostgreSQL URL")
+    schema = f"opscore_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def make_idle(servers: list[Server], agents: list[str], at: str) -> None:
+    """Register every agent by a first report (registered -> idle), spread over the replicas."""
+    clients = [httpx.AsyncClient(base_url=s.url, headers=s.headers, timeout=60) for s in servers]
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for agent in agents:
+        queue.put_nowait(agent)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            agent = queue.get_nowait()
+            body = {"agentId": agent, "timestamp": at, "state": "idle", "details": {}}
+            answer = await client.post(f"/v1/opscore/agent/{agent}/state", json=body)
+            answer.raise_for_status()
+
+    try:
+        await asyncio.gather(*(worker(clients[i % len(clients)]) for i in range(16)))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("wrk is not installed")
+    env = {"OPSCORE_PG_POOL_MAX": str(args.pool_max)} if args.pool_max else {}
+    with database(args.backend) as url, tempfile.TemporaryDirectory() as logs:
+        servers = [
+            Server(database_url=url, api_key="bench-key", env=env, log_path=Path(logs) / f"server{i}.log")
+            for i in range(args.replicas)
+        ]
+        try:
+            for server in servers:
+                server.start()
+            per = args.agents // args.replicas
+            base = int(time.time())
+            # wrk i reports for agents b<i>-0 .. b<i>-(per-1): disjoint per replica and wrk thread.
+            names = [f"b{i}-{n}" for i in range(args.replicas) for n in range(per)]
+            asyncio.run(make_idle(servers, names, datetime.fromtimestamp(base - 3600, UTC).isoformat()))
+            conns = args.connections // args.replicas
+            threads = max(1, min(args.threads, conns))
+            procs = []
+            for i, server in enumerate(servers):
+                argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{args.duration}s", "-s", str(LUA), server.url,
+                        "--", "bench-key", f"b{i}-", str(per), str(base), str(threads)]  # fmt: skip
+                procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+            results = []
+            for proc in procs:
+                out, _ = proc.communicate()
+                line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+                results.append(json.loads(line[len("RESULT ") :]))
+            with servers[0].client() as client:
+                verification = client.get("/v1/opscore/audit/verify", timeout=600).json()
+        finally:
+            for server in servers:
+                server.stop()
+    requests = sum(r["requests"] for r in results)
+    seconds = max(r["duration_us"] for r in results) / 1e6
+    return {
+        "backend": args.backend,
+        "replicas": args.replicas,
+        "connections": args.connections,
+        "duration_s": round(seconds, 1),
+        "requests": requests,
+        "rps": round(requests / seconds, 1),
+        "non200": sum(r["non200"] for r in results),
+        "socket_errors": sum(r["errors"] for r in results),
+        "p50_ms": max(r["p50_us"] for r in results) / 1000,
+        "p99_ms": max(r["p99_us"] for r in results) / 1000,
+        "verify_ok": verification["ok"],
+        "records": verification["records"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="postgres")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--duration", type=int, default=30)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads per wrk process")
+    parser.add_argument("--agents", type=int, default=4096)
+    parser.add_argument("--pool-max", type=int, default=0, help="OPSCORE_PG_POOL_MAX for the servers")
+    args = parser.parse_args()
+    if args.backend == "sqlite" and args.replicas != 1:
+        sys.exit("SQLite serves from one process: --replicas 1")
+    print(json.dumps(run(args)))
+
+
+if __name__ == "__main__":
+    main()

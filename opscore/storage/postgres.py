@@ -1,0 +1,658 @@
+"""PostgreSQL store: psycopg 3 (async) and ``psycopg_pool``, for several replicas on one database.
+
+Every replica talks to the same tables and keeps nothing of its own: no entity cache (unlike
+SQLite, whose single writer may cache because it is the only process writing the file), no
+id counter, no replay memory. What makes that correct:
+
+- **Row locks, then compare-and-set.** :meth:`PostgresStore.apply` runs one transaction:
+  ``SELECT … FOR UPDATE`` on the entity row, :func:`~opscore.storage.base.next_entity` on
+  what it read (``RevisionConflict`` when another replica moved the entity since the engine
+  decided; the engine retries from a fresh read), then ONE statement writing the audit
+  record, the idempotency answer and the entity (data-modifying CTEs), then timers if any.
+  Two replicas racing on one entity queue on the row lock, so they never both apply from
+  the same revision and ``seq`` stays gap-free; a unique index on (entity, seq) backs it up.
+- **Ids after the lock.** The record id comes from the ``audit_ids`` sequence, taken in the
+  same statement as the lock but evaluated on the already locked row (the id is hashed into
+  the record, so it must exist before the insert). So within one entity the ids grow in
+  ``seq`` order, which is what lets :meth:`verify` stream every chain in id order. Across
+  entities ids are unique and grow, but a transaction that rolls back leaves a gap, and
+  concurrent commits may become visible slightly out of id order.
+- **One clock.** ``recordedAt`` and the entity's times are the database's
+  ``clock_timestamp()``, read under the lock, so records of one entity are in time order
+  even when the replicas' clocks differ.
+- **Everything shared is in tables**: idempotency answers, webhook signatures (replay
+  protection across replicas), definitions, timers (claimed with ``FOR UPDATE SKIP LOCKED``
+  and leased by the database clock).
+
+Audit bodies are stored as the JSON *text* the store wrote, never ``jsonb``: ``jsonb``
+reorders keys, may rewrite numbers and refuses ``\\u0000``; the hash is checked by parsing
+the text back and re-canonicalising it with :func:`opscore.audit.canonical`. Entity metadata
+and details are text for the same ``\\u0000`` reason (a report with such a string must not
+answer 500 on one backend and 200 on the other); the capabilities the agent list filters on
+are copied into a ``text[]`` column with a GIN index.
+
+Pool sizes come from ``OPSCORE_PG_POOL_MIN`` (default 2) and ``OPSCORE_PG_POOL_MAX``
+(default 10), the wait for a free connection from ``OPSCORE_PG_POOL_TIMEOUT`` seconds
+(default 10; then the request answers 503). ``search_path`` in the URL
+(``?options=-csearch_path%3Dmyschema``) puts the tables in that schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from opscore import audit
+from opscore.errors import Conflict, Invalid, RevisionConflict, StorageError, Unavailable, UnknownEntity
+from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+
+SCHEMA_VERSION = 1
+
+# Text keys are COLLATE "C" so that ORDER BY and keyset cursors compare code points, as the
+# SQLite and memory stores (and Python) do, whatever the database's default collation is.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE entities (
+            entity_type text COLLATE "C" NOT NULL,
+            entity_id text COLLATE "C" NOT NULL,
+            state text COLLATE "C" NOT NULL,
+            revision bigint NOT NULL,
+            seq bigint NOT NULL,
+            head_hash text NOT NULL,
+            data text NOT NULL,
+            capabilities text[] NOT NULL DEFAULT '{}',
+            created_at text COLLATE "C" NOT NULL,
+            updated_at text COLLATE "C" NOT NULL,
+            last_seen_at text COLLATE "C",
+            last_report_at text COLLATE "C",
+            last_details text NOT NULL,
+            PRIMARY KEY (entity_type, entity_id)
+        )""",
+        "CREATE INDEX entities_state ON entities (entity_type, state, entity_id)",
+        "CREATE INDEX entities_capabilities ON entities USING gin (capabilities)",
+        "CREATE SEQUENCE audit_ids AS bigint",
+        """CREATE TABLE audit (
+            id bigint PRIMARY KEY,
+            entity_type text COLLATE "C" NOT NULL,
+            entity_id text COLLATE "C" NOT NULL,
+            seq bigint NOT NULL,
+            outcome text COLLATE "C" NOT NULL,
+            recorded_at text COLLATE "C" NOT NULL,
+            body text NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX audit_chain ON audit (entity_type, entity_id, seq)",
+        "CREATE INDEX audit_entity ON audit (entity_type, entity_id, id)",
+        "CREATE INDEX audit_type ON audit (entity_type, id)",
+        "CREATE INDEX audit_recorded ON audit (recorded_at)",
+        """CREATE TABLE idempotency (
+            scope text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            fingerprint text NOT NULL,
+            status integer NOT NULL,
+            body text NOT NULL,
+            created timestamptz NOT NULL DEFAULT clock_timestamp(),
+            PRIMARY KEY (scope, key)
+        )""",
+        "CREATE INDEX idempotency_created ON idempotency (created)",
+        """CREATE TABLE webhook_signatures (
+            signature text COLLATE "C" PRIMARY KEY,
+            seen double precision NOT NULL
+        )""",
+        "CREATE INDEX webhook_signatures_seen ON webhook_signatures (seen)",
+        """CREATE TABLE definitions (
+            n bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            definition_id text COLLATE "C" NOT NULL,
+            version text COLLATE "C" NOT NULL,
+            body text NOT NULL,
+            created_at text NOT NULL,
+            UNIQUE (definition_id, version)
+        )""",
+        """CREATE TABLE timers (
+            key text COLLATE "C" PRIMARY KEY,
+            due_at text COLLATE "C" NOT NULL,
+            kind text NOT NULL,
+            entity_type text COLLATE "C" NOT NULL,
+            entity_id text COLLATE "C" NOT NULL,
+            payload text NOT NULL,
+            lease_until timestamptz NOT NULL DEFAULT '-infinity'
+        )""",
+        "CREATE INDEX timers_due ON timers (due_at)",
+        "CREATE INDEX timers_entity ON timers (entity_type, entity_id)",
+    ],
+}
+
+IDEMPOTENCY_TTL = 48 * 3600.0
+VERIFY_CHUNK = 5000
+
+# pg_advisory_xact_lock(int, int): a fixed first key for Ops-Core migrations, the schema's
+# name hashed into the second, so replicas of one deployment queue and other schemas don't.
+_MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(1869640563, hashtext(current_schema()))"
+
+_ENTITY_COLUMNS = (
+    "entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, "
+    "last_seen_at, last_report_at, last_details"
+)
+_SELECT_ENTITY = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = %s"
+# The row lock, then (only when the change writes a record) the record id and the time: the
+# outer SELECT is evaluated on rows the MATERIALIZED CTE has already locked, so a chain's ids
+# and recordedAt grow with its seq even when replicas race. One round trip for all three.
+_LOCK_ENTITY = (
+    f"WITH locked AS MATERIALIZED ({_SELECT_ENTITY} FOR UPDATE) "
+    "SELECT locked.*, CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp() FROM locked"
+)
+_INSERT_ENTITY = (
+    f"INSERT INTO entities ({_ENTITY_COLUMNS}, capabilities) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING 1"
+)
+_UPDATE_ENTITY = (
+    "UPDATE entities SET state=%s, revision=%s, seq=%s, head_hash=%s, data=%s, updated_at=%s, last_seen_at=%s, "
+    "last_report_at=%s, last_details=%s, capabilities=%s WHERE entity_type=%s AND entity_id=%s"
+)
+_INSERT_AUDIT = (
+    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (%s,%s,%s,%s,%s,%s,%s)"
+)
+_INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
+_NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp()"
+_TIMER_COLUMNS = "key, due_at, kind, entity_type, entity_id, payload"
+_CLAIMED_COLUMNS = ", ".join("t." + c for c in _TIMER_COLUMNS.split(", "))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise StorageError(f"{name} must be a whole number, not {raw!r}", code="bad_pool_setting") from exc
+    if value < 0:
+        raise StorageError(f"{name} must not be negative", code="bad_pool_setting")
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _capabilities(data: dict[str, Any]) -> list[str]:
+    """What ``capability`` filters match: the strings of ``data["capabilities"]``."""
+    caps = data.get("capabilities")
+    if isinstance(caps, str):
+        return [caps]
+    if isinstance(caps, list):
+        return [c for c in caps if isinstance(c, str)]
+    return []
+
+
+def _entity_from_row(row: tuple[Any, ...]) -> Entity:
+    return Entity(
+        entity_type=row[0],
+        entity_id=row[1],
+        state=row[2],
+        revision=row[3],
+        seq=row[4],
+        head_hash=row[5],
+        data=json.loads(row[6]),
+        created_at=row[7],
+        updated_at=row[8],
+        last_seen_at=row[9],
+        last_report_at=row[10],
+        last_details=json.loads(row[11]),
+    )
+
+
+def _timer_from_row(row: tuple[Any, ...]) -> Timer:
+    return Timer(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+def _utc_text(moment: datetime) -> str:
+    """A database timestamp as the fixed-width UTC text every stored time uses."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
+    for (body,) in bodies:
+        verifier.add(json.loads(body))
+
+
+def _entity_params(e: Entity) -> tuple[Any, ...]:
+    return (
+        e.entity_type,
+        e.entity_id,
+        e.state,
+        e.revision,
+        e.seq,
+        e.head_hash,
+        _dumps(e.data),
+        e.created_at,
+        e.updated_at,
+        e.last_seen_at,
+        e.last_report_at,
+        _dumps(e.last_details),
+        _capabilities(e.data),
+    )
+
+
+_WRITES: dict[tuple[bool, bool, bool], str] = {}
+
+
+def _write(
+    entity: Entity | None, record: dict[str, Any] | None, idempotency: IdempotencyEntry | None
+) -> tuple[str, tuple[Any, ...]]:
+    """ONE statement for the rest of a change: audit record, idempotency answer, entity update.
+
+    Data-modifying CTEs all run, whatever the outer statement reads; a duplicate idempotency
+    key fails the statement with ``idempotency_pkey``. ``entity`` is ``None`` when it was
+    just inserted. Fewer statements is what matters here: each costs a round trip and about
+    as much Python in psycopg as the rest of the write.
+    """
+    shape = (record is not None, idempotency is not None, entity is not None)
+    params: list[Any] = []
+    if record is not None:
+        params += [
+            record["id"],
+            record["entityType"],
+            record["entityId"],
+            record["seq"],
+            record["outcome"],
+            record["recordedAt"],
+            _dumps(record),
+        ]
+    if idempotency is not None:
+        entry = stored_answer(idempotency, record)
+        params += [entry.scope, entry.key, entry.fingerprint, entry.status, _dumps(entry.body)]
+    if entity is not None:
+        params += [
+            entity.state,
+            entity.revision,
+            entity.seq,
+            entity.head_hash,
+            _dumps(entity.data),
+            entity.updated_at,
+            entity.last_seen_at,
+            entity.last_report_at,
+            _dumps(entity.last_details),
+            _capabilities(entity.data),
+            entity.entity_type,
+            entity.entity_id,
+        ]
+    sql = _WRITES.get(shape)
+    if sql is None:
+        parts = []
+        if shape[0]:
+            parts.append(f"a AS ({_INSERT_AUDIT})")
+        if shape[1]:
+            parts.append(f"i AS ({_INSERT_IDEMPOTENCY})")
+        head = f"WITH {', '.join(parts)} " if parts else ""
+        sql = _WRITES[shape] = head + (_UPDATE_ENTITY if shape[2] else "SELECT 1")
+    return sql, tuple(params)
+
+
+class PostgresStore(Store):
+    """The storage port on PostgreSQL; any number of processes may share one database."""
+
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        timeout: float | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self.url = url
+        self.readonly = readonly
+        self.min_size = min_size if min_size is not None else _env_int("OPSCORE_PG_POOL_MIN", 2)
+        self.max_size = max_size if max_size is not None else _env_int("OPSCORE_PG_POOL_MAX", 10)
+        self.max_size = max(self.max_size, self.min_size, 1)
+        self.timeout = timeout if timeout is not None else float(_env_int("OPSCORE_PG_POOL_TIMEOUT", 10))
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the pool and bring the schema to :data:`SCHEMA_VERSION` under an advisory lock."""
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+            self.url,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            timeout=self.timeout,
+            kwargs={"autocommit": True},
+            open=False,
+            name="opscore",
+        )
+        try:
+            await pool.open(wait=True, timeout=self.timeout)
+        except PoolTimeout as exc:
+            await pool.close()
+            raise Unavailable(f"PostgreSQL is unreachable: no connection within {self.timeout:g} s") from exc
+        self._pool = pool
+        try:
+            await (self.check_version() if self.readonly else self.migrate())
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema; refuse a newer one. Safe when replicas start together.
+
+        The advisory lock is taken inside the migration's transaction (DDL is transactional
+        in PostgreSQL), so the second replica waits, then finds the schema current.
+        """
+        async with self._connection() as conn, conn.transaction():
+            schema = (await (await conn.execute("SELECT current_schema()")).fetchone() or (None,))[0]
+            if schema is None:
+                raise StorageError(
+                    "no schema to create Ops-Core's tables in: the search_path names no existing schema",
+                    code="no_schema",
+                )
+            await conn.execute(_MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"the database has schema version {version}, newer than this Ops-Core knows "
+                    f"({SCHEMA_VERSION}): upgrade Ops-Core instead of downgrading the data",
+                    code="schema_too_new",
+                )
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v]:
+                    await conn.execute(statement)
+            if row is None:
+                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                await conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+        return SCHEMA_VERSION
+
+    async def check_version(self) -> int:
+        """For a process that only reads (``opscore audit verify``): no DDL, refuse unknown schemas."""
+        async with self._connection() as conn:
+            try:
+                row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+            except pg_errors.UndefinedTable as exc:
+                raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
+                code="schema_mismatch",
+            )
+        return version
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        """A pooled connection; psycopg's failures translated where they enter (STYLE 7)."""
+        if self._pool is None:
+            raise StorageError("the PostgreSQL store is not open")
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise Unavailable(f"no PostgreSQL connection within {self.timeout:g} s: {exc}") from exc
+        except pg_errors.TransactionRollback as exc:  # deadlock or serialization failure: retry
+            raise RevisionConflict(f"PostgreSQL rolled the transaction back: {exc}") from exc
+        except pg_errors.DataError as exc:  # e.g. a NUL character in a text key
+            raise Invalid(f"the value cannot be stored: {exc}", code="unstorable_value") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL failed: {exc}") from exc
+
+    # -- the port ---------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def get(self, entity_type: str, entity_id: str) -> Entity | None:
+        async with self._connection() as conn:
+            row = await (await conn.execute(_SELECT_ENTITY, (entity_type, entity_id))).fetchone()
+        return None if row is None else _entity_from_row(row)
+
+    async def apply(self, change: Change) -> Committed:
+        """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT."""
+        async with self._connection() as conn:
+            try:
+                async with conn.transaction():
+                    return await self._apply(conn, change)
+            except pg_errors.UniqueViolation as exc:
+                if exc.diag.constraint_name == "idempotency_pkey":
+                    raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
+                # audit_chain cannot be violated under the row lock; if it were, retry from a fresh read
+                raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} moved: {exc}") from exc
+
+    async def _apply(self, conn: psycopg.AsyncConnection[tuple[Any, ...]], change: Change) -> Committed:
+        key = (change.entity_type, change.entity_id)
+        wants_id = change.record is not None
+        for _ in range(8):
+            row = await (await conn.execute(_LOCK_ENTITY, (*key, wants_id))).fetchone()
+            if row is None:
+                if change.create is None:
+                    raise UnknownEntity(change.entity_type, change.entity_id)
+                ids = await (await conn.execute(_NEXT_RECORD, (wants_id,))).fetchone()
+                assert ids is not None
+                current, (record_id, clock) = None, ids
+            else:
+                current, record_id, clock = _entity_from_row(row), row[-2], row[-1]
+            now = _utc_text(clock)
+            new, record, created = next_entity(current, change, now=now, record_id=record_id)
+            if not created:
+                await conn.execute(*_write(new, record, change.idempotency))
+                break
+            cur = await conn.execute(_INSERT_ENTITY, _entity_params(new))
+            if await cur.fetchone() is not None:
+                if record is not None or change.idempotency is not None:
+                    await conn.execute(*_write(None, record, change.idempotency))
+                break
+            # Another transaction created it meanwhile (ON CONFLICT waited for its commit): lock that row, redo.
+        else:
+            raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} could not be created; try again")
+        if change.cancel_timers:
+            await conn.execute("DELETE FROM timers WHERE key = ANY(%s)", (list(change.cancel_timers),))
+        for t in change.timers:
+            await conn.execute(
+                f"INSERT INTO timers ({_TIMER_COLUMNS}, lease_until) VALUES (%s,%s,%s,%s,%s,%s,'-infinity') "
+                "ON CONFLICT (key) DO UPDATE SET due_at=excluded.due_at, kind=excluded.kind, "
+                "entity_type=excluded.entity_type, entity_id=excluded.entity_id, payload=excluded.payload, "
+                "lease_until=excluded.lease_until",
+                (t.key, t.due_at, t.kind, t.entity_type, t.entity_id, _dumps(t.payload)),
+            )
+        return Committed(new, record, created)
+
+    async def list_entities(self, query: EntityQuery) -> list[Entity]:
+        sql = [f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = %s"]
+        params: list[Any] = [query.entity_type]
+        if query.state is not None:
+            sql.append("AND state = %s")
+            params.append(query.state)
+        if query.capability is not None:
+            sql.append("AND capabilities @> ARRAY[%s]::text[]")
+            params.append(query.capability)
+        if query.id_prefix is not None:
+            sql.append("AND left(entity_id, %s) = %s")
+            params.extend([len(query.id_prefix), query.id_prefix])
+        if query.seen_before is not None:
+            sql.append("AND COALESCE(last_seen_at, '') < %s")
+            params.append(query.seen_before)
+        if query.after_id is not None:
+            sql.append("AND entity_id > %s")
+            params.append(query.after_id)
+        sql.append("ORDER BY entity_id LIMIT %s")
+        params.append(query.limit)
+        async with self._connection() as conn:
+            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+        return [_entity_from_row(r) for r in rows]
+
+    async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
+        sql = ["SELECT body FROM audit WHERE TRUE"]
+        params: list[Any] = []
+        if query.entity_type is not None:
+            sql.append("AND entity_type = %s")
+            params.append(query.entity_type)
+        if query.entity_id is not None:
+            sql.append("AND entity_id = %s")
+            params.append(query.entity_id)
+        if query.entity_ids is not None:
+            sql.append("AND entity_id = ANY(%s)")
+            params.append(list(query.entity_ids))
+        if query.outcome is not None:
+            sql.append("AND outcome = %s")
+            params.append(query.outcome)
+        if query.since is not None:
+            sql.append("AND recorded_at >= %s")
+            params.append(query.since)
+        if query.until is not None:
+            sql.append("AND recorded_at <= %s")
+            params.append(query.until)
+        if query.after_id is not None:
+            sql.append("AND id < %s" if query.descending else "AND id > %s")
+            params.append(query.after_id)
+        sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT %s")
+        params.append(query.limit)
+        async with self._connection() as conn:
+            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    async def verify(self) -> audit.Verification:
+        """Stream every record in id order from one snapshot; parse and hash off the event loop."""
+        verifier = audit.ChainVerifier()
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            async with conn.cursor(name="opscore_verify") as cur:
+                await cur.execute("SELECT body FROM audit ORDER BY id")
+                while rows := await cur.fetchmany(VERIFY_CHUNK):
+                    await asyncio.to_thread(_feed, verifier, rows)
+            async with conn.cursor(name="opscore_heads") as cur:
+                await cur.execute("SELECT entity_type, entity_id, seq, head_hash FROM entities")
+                while heads := await cur.fetchmany(VERIFY_CHUNK):
+                    for etype, eid, seq, head in heads:
+                        verifier.head(etype, eid, seq, head)
+        return verifier.finish()
+
+    async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
+        async with self._connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT fingerprint, status, body FROM idempotency WHERE scope = %s AND key = %s "
+                    "AND created >= clock_timestamp() - make_interval(secs => %s)",
+                    (scope, key, IDEMPOTENCY_TTL),
+                )
+            ).fetchone()
+        if row is None:
+            return None
+        return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
+
+    async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
+        """Forget idempotency answers older than ``older_than`` seconds (kept 48 h by default)."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM idempotency WHERE created < clock_timestamp() - make_interval(secs => %s)",
+                (older_than,),
+            )
+        return cur.rowcount
+
+    async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:
+        """The primary key decides among replicas: exactly one insert of a signature wins."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM webhook_signatures WHERE seen < extract(epoch FROM clock_timestamp()) - %s",
+                (2 * window,),
+            )
+            cur = await conn.execute(
+                "INSERT INTO webhook_signatures (signature, seen) VALUES (%s, %s) ON CONFLICT (signature) DO NOTHING",
+                (signature, seen_at),
+            )
+        return cur.rowcount == 1
+
+    # -- workflows --------------------------------------------------------------------------
+
+    async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
+        text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+        async with self._connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "INSERT INTO definitions (definition_id, version, body, created_at) VALUES (%s,%s,%s,%s) "
+                "ON CONFLICT (definition_id, version) DO NOTHING",
+                (definition_id, version, text, utc_now()),
+            )
+            if cur.rowcount == 1:
+                return True
+            row = await (
+                await conn.execute(
+                    "SELECT body FROM definitions WHERE definition_id = %s AND version = %s", (definition_id, version)
+                )
+            ).fetchone()
+        if row is not None and row[0] != text:
+            raise Conflict(
+                f"definition {definition_id!r} version {version!r} is stored with another body; "
+                "a stored version is immutable: publish a new version",
+                code="definition_exists",
+            )
+        return False
+
+    async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
+        async with self._connection() as conn:
+            if version is None:
+                cur = await conn.execute(
+                    "SELECT body FROM definitions WHERE definition_id = %s ORDER BY n DESC LIMIT 1", (definition_id,)
+                )
+            else:
+                cur = await conn.execute(
+                    "SELECT body FROM definitions WHERE definition_id = %s AND version = %s", (definition_id, version)
+                )
+            row = await cur.fetchone()
+        return None if row is None else json.loads(row[0])
+
+    async def list_definitions(self) -> list[dict[str, Any]]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute("SELECT body FROM definitions ORDER BY n")).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
+        """Lease due timers; ``SKIP LOCKED`` lets replicas claim side by side, each timer once."""
+        async with self._connection() as conn, conn.transaction():
+            rows = await (
+                await conn.execute(
+                    "WITH due AS (SELECT key FROM timers WHERE due_at <= %s AND lease_until <= clock_timestamp() "
+                    "ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+                    "UPDATE timers t SET lease_until = clock_timestamp() + make_interval(secs => %s) "
+                    f"FROM due WHERE t.key = due.key RETURNING {_CLAIMED_COLUMNS}",
+                    (now, limit, lease_seconds),
+                )
+            ).fetchall()
+        return sorted((_timer_from_row(r) for r in rows), key=lambda t: (t.due_at, t.key))
+
+    async def finish_timer(self, key: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM timers WHERE key = %s", (key,))
+
+    async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
+        sql = [f"SELECT {_TIMER_COLUMNS} FROM timers WHERE TRUE"]
+        params: list[Any] = []
+        if entity_type is not None:
+            sql.append("AND entity_type = %s")
+            params.append(entity_type)
+        if entity_id is not None:
+            sql.append("AND entity_id = %s")
+            params.append(entity_id)
+        sql.append("ORDER BY due_at, key")
+        async with self._connection() as conn:
+            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+        return [_timer_from_row(r) for r in rows]
