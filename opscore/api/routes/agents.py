@@ -103,7 +103,7 @@ async def list_agents(
 ) -> dict[str, Any]:
     """Agents ordered by id, one page at a time."""
     after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, str):
+    if after is not None and (not isinstance(after, str) or "\x00" in after):
         raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
     entities = await store.list_entities(
         EntityQuery("agent", state=state, capability=capability, after_id=after, limit=limit + 1)
