@@ -27,6 +27,7 @@ class Simulator:
     latency: float = 0.1
     failure_rate: float = 0.0
     prefix: str = "sim-agent"
+    heartbeat: float = 30.0
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
@@ -52,9 +53,13 @@ class Simulator:
             "--latency", str(self.latency),
             "--failure-rate", str(self.failure_rate),
             "--seed", "7",
+            "--heartbeat", str(self.heartbeat),
         ]  # fmt: skip
-        out = subprocess.DEVNULL if self.log_path is None else open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if self.log_path is None:
+            self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+        else:
+            with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+                self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
