@@ -293,3 +293,20 @@ def test_silent_agent_goes_offline_and_its_task_fails_over(stack: Env) -> None:
         offline = [r for r in client.get("/v1/opscore/agent/ghost/audit").json()["items"] if r["dest"] == "offline"]
         assert [(r["event"], r["actor"]) for r in offline] == [("go_offline", "system")]
         assert client.get("/v1/opscore/agent/sim-agent-0").json()["state"] == "idle"
+
+
+def test_concurrent_runs_never_give_one_agent_two_tasks(stack: Env) -> None:
+    server, sim = stack(agents=3, latency=0.05)
+    tasks = [
+        {"taskId": "a", "agentCapability": "summarise_text", "timeoutSeconds": 20, "nextTaskId": "b"},
+        {"taskId": "b", "agentCapability": "review_text", "timeoutSeconds": 20},
+    ]
+    with server.client() as client:
+        client.post("/v1/opscore/workflow-definitions", json=definition(tasks, "busy")).raise_for_status()
+        sessions = [start(client, {"workflowDefinitionId": "busy"}, agent=f"sim-agent-{i % 3}") for i in range(30)]
+        runs = [settled(client, sid, timeout=120) for sid in sessions]
+        assert {r["state"] for r in runs} == {"completed"}
+        # an agent handed a second task while busy would leave one task to its deadline: attempt 2
+        assert {t["attempt"] for r in runs for t in r["tasks"]} == {1}
+    per_agent = Counter(c["agentId"] for c in sim.calls())
+    assert sum(per_agent.values()) == 60

@@ -107,7 +107,6 @@ class Runs:
         self._run_locks = _KeyedLocks()
         self._agent_locks = _KeyedLocks()
         self._select = asyncio.Lock()
-        self._claiming: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._definitions: dict[tuple[str, str], Definition] = {}
         self.agent_available = asyncio.Event()
@@ -300,6 +299,9 @@ class Runs:
 
     async def _dispatch(self, run: Entity, task: Entity) -> None:
         """Pick an agent, commit ``dispatched`` with its deadline, then send (at most once)."""
+        # The selection lock is held until the dispatch is committed: a selection then always
+        # sees every earlier claim in the store (an in-memory "claiming" set is not enough: a
+        # list read started before a claim committed can return after it was forgotten).
         async with self._select:
             agent = await self._choose(run, task)
             if agent is None:
@@ -315,8 +317,6 @@ class Runs:
                     )
                 return
             agent_id = agent.entity_id
-            self._claiming.add(agent_id)
-        try:
             await self.engine.upsert(
                 AGENT, agent_id, {"opscoreTask": task.entity_id, "lastDispatchAt": utc_now()}, ctx=SYSTEM
             )
@@ -345,8 +345,6 @@ class Runs:
                 timers=(timer,),
                 cancel_timers=(retry_key(task.entity_id, attempt - 1),) if attempt > 1 else (),
             )
-        finally:
-            self._claiming.discard(agent_id)
         body = run_body(
             session_id=run.entity_id,
             task_entity_id=task.entity_id,
@@ -387,7 +385,7 @@ class Runs:
             page = await self.store.list_entities(
                 EntityQuery(AGENT, state="idle", capability=capability, after_id=after, limit=500)
             )
-            candidates.extend(a for a in page if a.entity_id not in self._claiming)
+            candidates.extend(page)
             if len(page) < 500:
                 break
             after = page[-1].entity_id
@@ -398,9 +396,10 @@ class Runs:
         return None
 
     async def _free(self, agent: Entity) -> bool:
-        if agent.state != "idle" or agent.entity_id in self._claiming:
+        fresh = await self.store.get(AGENT, agent.entity_id)  # a listed snapshot may be older
+        if fresh is None or fresh.state != "idle":
             return False
-        return await self._held_task(agent) is None
+        return await self._held_task(fresh) is None
 
     async def _held_task(self, agent: Entity) -> Entity | None:
         """The task this agent holds now, or ``None`` (a stale claim is no claim)."""
@@ -619,15 +618,34 @@ class Runs:
         return count
 
     async def dispatch_waiting(self) -> None:
-        """Try again every task waiting for an agent (oldest ids first)."""
+        """Try again the tasks waiting for an agent, longest waiting first.
+
+        Once one task of a capability (or pinned agent) finds no free agent, the others
+        needing the same are skipped for this sweep: a sweep costs O(free agents), not
+        O(waiting tasks x agents), which is what keeps a backlog from eating the CPU.
+        """
+        waiting: list[Entity] = []
         after: str | None = None
         while True:
-            page = await self.store.list_entities(EntityQuery(TASK, state="waiting", after_id=after, limit=200))
-            for task in page:
-                await self.advance(str(task.data.get("sessionId")))
-            if len(page) < 200:
-                return
+            page = await self.store.list_entities(EntityQuery(TASK, state="waiting", after_id=after, limit=500))
+            waiting.extend(page)
+            if len(page) < 500:
+                break
             after = page[-1].entity_id
+        waiting.sort(key=lambda t: (t.data.get("waitingSince") or "", t.entity_id))
+        exhausted: set[str] = set()
+        for task in waiting:
+            need = (
+                f"agent:{task.data.get('pinnedAgentId')}"
+                if task.data.get("pinnedAgentId")
+                else (f"capability:{task.data.get('agentCapability')}")
+            )
+            if need in exhausted:
+                continue
+            await self.advance(str(task.data.get("sessionId")))
+            after_advance = await self.store.get(TASK, task.entity_id)
+            if after_advance is not None and after_advance.state == "waiting":
+                exhausted.add(need)
 
     async def sweep_liveness(self, agent_timeout: float) -> int:
         """Agents silent for ``agent_timeout`` s go ``offline`` (actor ``system``); their tasks fail over."""
