@@ -8,6 +8,7 @@ opscore audit export --out FILE.jsonl
 opscore agents [--state S]            (client: OPSCORE_API_URL, OPSCORE_API_KEY)
 opscore agent ID
 opscore report ID STATE
+opscore simulate [--port 8001] [--agents N] [--latency S] [--failure-rate F]   (stand-in AgentKit)
 """
 
 from __future__ import annotations
@@ -245,6 +246,38 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from opscore.simulator import SimConfig, create_app
+
+    api_key = os.environ.get("OPSCORE_API_KEY") or _env_key()
+    secret = os.environ.get("OPSCORE_WEBHOOK_SECRET", "")
+    if not api_key or not secret:
+        print("the simulator needs OPSCORE_API_KEY and OPSCORE_WEBHOOK_SECRET (as Ops-Core has them)", file=sys.stderr)
+        return 2
+    config = SimConfig(
+        opscore_url=args.opscore_url.rstrip("/"),
+        api_key=api_key,
+        webhook_secret=secret,
+        agents=args.agents,
+        prefix=args.prefix,
+        capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
+        latency=args.latency,
+        failure_rate=args.failure_rate,
+        heartbeat=args.heartbeat,
+        echo_task_id=args.echo_task_id,
+        seed=args.seed,
+    )
+    print(
+        f"AgentKit stand-in on http://{args.host}:{args.port} playing {args.agents} agents "
+        f"for Ops-Core at {config.opscore_url}",
+        flush=True,
+    )
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opscore", description="Ops-Core: state machines and audit for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("agent_id")
     report.add_argument("state")
     report.set_defaults(func=cmd_report)
+
+    sim = sub.add_parser("simulate", help="a stand-in AgentKit playing N simulated agents")
+    sim.add_argument("--host", default=os.environ.get("SIMULATOR_HOST", "127.0.0.1"))
+    sim.add_argument("--port", type=int, default=int(os.environ.get("SIMULATOR_PORT", "8001")))
+    sim.add_argument("--opscore-url", default=os.environ.get("OPSCORE_API_URL", "http://127.0.0.1:8000"))
+    sim.add_argument("--agents", type=int, default=int(os.environ.get("SIMULATOR_AGENTS", "3")))
+    sim.add_argument("--prefix", default="sim-agent", help="simulated agents are <prefix>-0, <prefix>-1, ...")
+    sim.add_argument(
+        "--capabilities",
+        default=os.environ.get("SIMULATOR_CAPABILITIES", "summarise_text,review_text"),
+        help="comma-separated capabilities of every simulated agent",
+    )
+    sim.add_argument("--latency", type=float, default=float(os.environ.get("SIMULATOR_LATENCY", "0.2")))
+    sim.add_argument("--failure-rate", type=float, default=float(os.environ.get("SIMULATOR_FAILURE_RATE", "0")))
+    sim.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats of idle agents")
+    sim.add_argument("--echo-task-id", action="store_true", help="put opscore_task_id in report details")
+    sim.add_argument("--seed", type=int, default=None)
+    sim.set_defaults(func=cmd_simulate)
     return parser
 
 

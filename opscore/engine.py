@@ -42,7 +42,7 @@ from opscore.errors import (
     from_dict,
 )
 from opscore.machines import MACHINES, Declaration
-from opscore.models import Change, Committed, Entity, IdempotencyEntry, TransitionResult
+from opscore.models import Change, Committed, Entity, IdempotencyEntry, Timer, TransitionResult
 from opscore.storage.base import Store
 
 logging.getLogger("transitions").setLevel(logging.WARNING)
@@ -282,8 +282,15 @@ class Engine:
         ctx: Context,
         details: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
+        timers: tuple[Timer, ...] = (),
+        cancel_timers: tuple[str, ...] = (),
     ) -> TransitionResult | Replay:
-        """An explicit trigger by name (operators, workflows, the liveness sweep)."""
+        """An explicit trigger by name (operators, workflows, the liveness sweep).
+
+        ``timers``/``cancel_timers`` are armed/disarmed in the same atomic write as the
+        transition, and only when it is applied (a refused trigger arms nothing): a workflow
+        task's deadline exists exactly when the task is ``dispatched``.
+        """
         fsm = self.fsms[entity_type]
         if trigger not in fsm.triggers:
             raise UnknownTrigger(
@@ -297,7 +304,8 @@ class Engine:
                 dest = fsm.fire(trigger, current.state)
             except IllegalTransition as exc:
                 return Change(entity_type, entity_id), trigger, None, exc
-            return Change(entity_type, entity_id, state=dest, data=data), trigger, dest, None
+            change = Change(entity_type, entity_id, state=dest, data=data, timers=timers, cancel_timers=cancel_timers)
+            return change, trigger, dest, None
 
         return await self._run(entity_type, entity_id, ctx, decide, details=details, reported_at=None, create=None)
 

@@ -15,12 +15,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from opscore import __version__
 from opscore.api import errors as api_errors
 from opscore.api.deps import render_result
-from opscore.api.routes import agents, audit, diagrams, health, machines, webhooks
+from opscore.api.routes import agents, audit, diagrams, health, machines, webhooks, workflows
 from opscore.config import Settings
 from opscore.engine import Engine
 from opscore.errors import StorageError
 from opscore.logs import configure
 from opscore.storage import open_store
+from opscore.workflows.dispatch import AgentKitClient
+from opscore.workflows.runs import Runs
+from opscore.workflows.scheduler import Scheduler
 
 log = logging.getLogger("opscore")
 
@@ -94,6 +97,26 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def start_workflows(app: FastAPI) -> None:
+    """Runs, their AgentKit client and the scheduler; the engine tells runs about agent reports."""
+    conf: Settings = app.state.settings
+    engine: Engine = app.state.engine
+    client = AgentKitClient(conf.agentkit_api_url)
+    runs = Runs(engine, client, default_timeout=conf.task_timeout_seconds)
+    engine.listeners.append(runs.listener)
+    scheduler = Scheduler(runs, agent_timeout=conf.agent_timeout_seconds)
+    app.state.runs = runs
+    app.state.agentkit = client
+    app.state.scheduler = scheduler
+    await scheduler.start()
+
+
+async def stop_workflows(app: FastAPI) -> None:
+    await app.state.scheduler.stop()
+    await app.state.runs.cancel_background()
+    await app.state.agentkit.close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The Ops-Core app. ``settings`` default to the environment, read at start-up, not import."""
 
@@ -132,12 +155,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    startup_hooks: list[Any] = []
-    shutdown_hooks: list[Any] = []
+    startup_hooks: list[Any] = [start_workflows]
+    shutdown_hooks: list[Any] = [stop_workflows]
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (health, agents, audit, machines, diagrams, webhooks):
+    for module in (health, agents, audit, machines, diagrams, webhooks, workflows):
         app.include_router(module.router)
     limit = settings.max_body_bytes if settings is not None else Settings.model_fields["max_body_bytes"].default
     app.add_middleware(Guard, max_body_bytes=limit)

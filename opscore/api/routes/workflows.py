@@ -1,0 +1,267 @@
+"""Workflow definitions and runs: publish, start, inspect, pause/resume/cancel/retry, audit."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
+from opscore.api.routes.audit import Cursor, Limit, Order, Outcome, Since, Until, audit_page
+from opscore.api.schemas import AuditPage, ErrorBody
+from opscore.engine import Context
+from opscore.errors import Invalid, UnknownEntity
+from opscore.models import Entity, EntityQuery
+from opscore.storage.base import Store
+from opscore.workflows.definitions import parse
+from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
+
+router = APIRouter(prefix="/v1/opscore", tags=["workflows"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
+SessionId = Annotated[str, Path(min_length=1, max_length=256, description="the run's sessionId")]
+
+
+def get_runs(request: Request) -> Runs:
+    runs: Runs = request.app.state.runs
+    return runs
+
+
+class StartRequest(BaseModel):
+    """Start a run of a stored definition (by id, optionally version) or of an inline one."""
+
+    workflowDefinitionId: str | None = Field(default=None, min_length=1, max_length=200)
+    version: str | None = Field(default=None, description="a stored version; the latest when absent")
+    workflowDefinition: dict[str, Any] | None = Field(default=None, description="validated and stored like a POST")
+    initialPayload: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunTrigger(BaseModel):
+    trigger: str = Field(min_length=1, max_length=64, description="pause, resume, cancel or retry")
+    details: dict[str, Any] | None = None
+
+
+def task_view(task: Entity) -> dict[str, Any]:
+    d = task.data
+    return {
+        "taskId": d.get("taskId"),
+        "taskEntityId": task.entity_id,
+        "name": d.get("name"),
+        "state": task.state,
+        "revision": task.revision,
+        "agentCapability": d.get("agentCapability"),
+        "agentId": d.get("agentId"),
+        "pinnedAgentId": d.get("pinnedAgentId"),
+        "attempt": d.get("attempt", 0),
+        "failures": d.get("failures", 0),
+        "maxRetries": d.get("maxRetries"),
+        "timeoutSeconds": d.get("timeoutSeconds"),
+        "attempts": d.get("attempts", []),
+        "result": d.get("result"),
+        "error": d.get("error"),
+        "deadlineAt": d.get("deadlineAt"),
+        "retryAt": d.get("retryAt") if task.state == "retrying" else None,
+        "nextTaskId": d.get("nextTaskId"),
+        "fallbackTaskId": d.get("fallbackTaskId"),
+        "updatedAt": task.updated_at,
+    }
+
+
+def run_summary(run: Entity) -> dict[str, Any]:
+    d = run.data
+    return {
+        "sessionId": run.entity_id,
+        "workflowId": d.get("workflowId"),
+        "workflowVersion": d.get("workflowVersion"),
+        "workflowName": d.get("workflowName"),
+        "state": run.state,
+        "revision": run.revision,
+        "agentId": d.get("agentId"),
+        "currentTaskId": d.get("currentTaskId"),
+        "path": d.get("path", []),
+        "reason": d.get("reason"),
+        "createdAt": run.created_at,
+        "updatedAt": run.updated_at,
+    }
+
+
+async def run_view(store: Store, run: Entity) -> dict[str, Any]:
+    tasks = []
+    for task_id in run.data.get("taskIds", []):
+        task = await store.get(TASK, task_entity_id(run.entity_id, task_id))
+        if task is not None:
+            tasks.append(task_view(task))
+    return {
+        **run_summary(run),
+        "initialPayload": run.data.get("initialPayload", {}),
+        "results": run.data.get("results", {}),
+        "tasks": tasks,
+    }
+
+
+# -- definitions -------------------------------------------------------------------------------
+
+
+@router.post(
+    "/workflow-definitions",
+    summary="Publish a workflow definition (JSON or YAML)",
+    status_code=201,
+    responses={200: {"description": "the same body was already stored"}, **ERRORS},
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": {"type": "object"}}, "application/yaml": {}},
+            "required": True,
+        }
+    },
+)
+async def publish_definition(request: Request, actor: CallerDep) -> JSONResponse:
+    """Validated on upload (422 lists every problem). id+version is immutable: the same body → 200, another → 409."""
+    body = parse(await request.body(), request.headers.get("content-type"))
+    definition, created = await get_runs(request).publish(body)
+    return JSONResponse(definition.body, status_code=201 if created else 200)
+
+
+@router.get("/workflow-definitions", summary="Every stored workflow definition", responses=ERRORS)
+async def list_definitions(store: StoreDep, actor: CallerDep) -> dict[str, Any]:
+    """`{"items": [definition, ...]}`, oldest first."""
+    return {"items": await store.list_definitions()}
+
+
+@router.get("/workflow-definitions/{definition_id}", summary="One workflow definition", responses=ERRORS)
+async def get_definition(
+    definition_id: Annotated[str, Path(min_length=1, max_length=200)],
+    request: Request,
+    actor: CallerDep,
+    version: Annotated[str | None, Query(description="the latest stored version when absent")] = None,
+) -> dict[str, Any]:
+    """The stored body of `definition_id` (a given `version`, or the one stored last)."""
+    definition = await get_runs(request).definition(definition_id, version)
+    return definition.body
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+@router.post(
+    "/agent/{agent_id}/workflow",
+    summary="Start a workflow run",
+    status_code=202,
+    responses=ERRORS,
+)
+async def start_workflow(
+    agent_id: Annotated[str, Path(min_length=1, max_length=256)],
+    body: StartRequest,
+    request: Request,
+    ctx: ContextDep,
+) -> JSONResponse:
+    """202 `{"sessionId", "workflowId", "state"}`; the first task is dispatched (or waits for an agent)."""
+    runs = get_runs(request)
+    if (body.workflowDefinitionId is None) == (body.workflowDefinition is None):
+        raise Invalid("give exactly one of workflowDefinitionId and workflowDefinition", code="validation_error")
+    if body.workflowDefinition is not None:
+        definition, _ = await runs.publish(body.workflowDefinition)
+    else:
+        assert body.workflowDefinitionId is not None
+        definition = await runs.definition(body.workflowDefinitionId, body.version)
+    run = await runs.start(definition, agent_id=agent_id, payload=body.initialPayload, ctx=Context(actor=ctx.actor))
+    return JSONResponse(
+        {
+            "sessionId": run.entity_id,
+            "workflowId": definition.definition_id,
+            "version": definition.version,
+            "state": run.state,
+        },
+        status_code=202,
+    )
+
+
+@router.get("/workflows", summary="List workflow runs", responses=ERRORS)
+async def list_runs(
+    store: StoreDep,
+    actor: CallerDep,
+    state: Annotated[str | None, Query(description="only runs in this state")] = None,
+    workflowId: Annotated[str | None, Query(description="only runs of this definition")] = None,  # noqa: N803
+    agentId: Annotated[str | None, Query(description="only runs started by this agent")] = None,  # noqa: N803
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+) -> dict[str, Any]:
+    """Runs ordered by sessionId, one page at a time."""
+    after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, str):
+        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    found: list[Entity] = []
+    more = False
+    while True:
+        page = await store.list_entities(EntityQuery(WORKFLOW, state=state, after_id=after, limit=500))
+        for run in page:
+            if workflowId is not None and run.data.get("workflowId") != workflowId:
+                continue
+            if agentId is not None and run.data.get("agentId") != agentId:
+                continue
+            if len(found) == limit:
+                more = True
+                break
+            found.append(run)
+        if more or len(page) < 500:
+            break
+        after = page[-1].entity_id
+    return {
+        "items": [run_summary(r) for r in found],
+        "nextCursor": encode_cursor(found[-1].entity_id) if more else None,
+    }
+
+
+@router.get("/workflows/{session_id}", summary="One run, its tasks, attempts and results", responses=ERRORS)
+async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> JSONResponse:
+    """The run's state and, per task: state, agent, attempts (with errors), result."""
+    run = await store.get(WORKFLOW, session_id)
+    if run is None:
+        raise UnknownEntity(WORKFLOW, session_id)
+    return JSONResponse(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
+
+
+@router.post("/workflows/{session_id}/transitions", summary="pause, resume, cancel or retry a run", responses=ERRORS)
+async def run_transition(
+    session_id: SessionId, body: RunTrigger, request: Request, store: StoreDep, ctx: ContextDep
+) -> JSONResponse:
+    """409 `illegal_transition` (and a rejected audit record) when the trigger is illegal in the run's state."""
+    run = await get_runs(request).operate(session_id, body.trigger, ctx, body.details)
+    return JSONResponse(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
+
+
+@router.get(
+    "/workflows/{session_id}/audit",
+    summary="Audit records of a run and its tasks",
+    response_model=AuditPage,
+    responses=ERRORS,
+)
+async def run_audit(
+    session_id: SessionId,
+    store: StoreDep,
+    actor: CallerDep,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+    since: Since = None,
+    until: Until = None,
+    outcome: Outcome = None,
+    order: Order = "asc",
+) -> dict[str, Any]:
+    """The run's records and its tasks' records, interleaved in `id` order."""
+    run = await store.get(WORKFLOW, session_id)
+    if run is None:
+        raise UnknownEntity(WORKFLOW, session_id)
+    ids = (session_id, *(task_entity_id(session_id, t) for t in run.data.get("taskIds", [])))
+    page = await audit_page(
+        store,
+        limit=limit,
+        cursor=cursor,
+        since=since,
+        until=until,
+        outcome=outcome,
+        order=order,
+        entity_ids=ids,
+    )
+    page["items"] = [r for r in page["items"] if r["entityType"] in (WORKFLOW, TASK)]
+    return page

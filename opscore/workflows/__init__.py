@@ -1,0 +1,1 @@
+"""Workflows: definitions (parse + validate), runs (progress, dispatch, retries), the scheduler (timers)."""
