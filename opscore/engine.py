@@ -447,6 +447,7 @@ class Engine:
         record = committed.record
         if record is None:
             return
-        audit_log.info("transition", extra=record)
+        if audit_log.isEnabledFor(logging.INFO):
+            audit_log.info("transition", extra={"audit": record, "opscore_json": audit.text_of(record)})
         for listener in self.listeners:
             listener(record)
