@@ -59,11 +59,13 @@ class Guard:
             return
         limit = self.max_body_bytes
         request_id = None
+        declared = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > limit:
                     await _too_large(send, limit)
                     return
+                declared = True
             elif name == b"x-request-id":
                 request_id = value.decode("latin-1")[:200]
         scope["opscore.request_id"] = request_id or f"{next(self._ids):032x}"
@@ -85,7 +87,8 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
             await send(message)
 
-        await self.app(scope, counted, send_with_id)
+        # the server never hands over more than a declared Content-Length: count only chunked bodies
+        await self.app(scope, receive if declared else counted, send_with_id)
 
 
 async def _too_large(send: Send, limit: int) -> None:

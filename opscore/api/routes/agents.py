@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from opscore.api.deps import (
@@ -127,7 +127,7 @@ async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> J
     response_model=StateReportAnswer,
     responses=ERRORS,
 )
-async def report_state(agent_id: AgentId, body: StateReport, engine: EngineDep, ctx: ContextDep) -> JSONResponse:
+async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, request: Request) -> JSONResponse:
     """Applies the one declared transition to the reported state; the same state is a heartbeat.
 
     An agent never seen before is registered on the spot (AgentKit reports before its
@@ -136,6 +136,7 @@ async def report_state(agent_id: AgentId, body: StateReport, engine: EngineDep, 
     """
     if body.agentId is not None and body.agentId != agent_id:
         raise Invalid(f"body agentId {body.agentId!r} does not match the path's {agent_id!r}", code="agent_id_mismatch")
+    engine: Engine = request.app.state.engine
     seed = Entity("agent", agent_id, engine.fsm("agent").initial)
     result = await engine.report(
         "agent", agent_id, body.state, ctx=ctx, reported_at=body.timestamp, details=body.details, create=seed
