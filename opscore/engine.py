@@ -144,6 +144,17 @@ class Context:
 
 
 @dataclass(frozen=True, slots=True)
+class Report:
+    """One state report of a batch (:meth:`Engine.report_many`)."""
+
+    entity_id: str
+    target: str
+    reported_at: datetime | str | None = None
+    details: dict[str, Any] | None = None
+    create: Entity | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Replay:
     """A stored first answer returned for a repeated ``Idempotency-Key``."""
 
@@ -264,6 +275,39 @@ class Engine:
             return replace(accepted, state=dest), trigger, dest, None
 
         return await self._run(entity_type, entity_id, ctx, decide, details=details, reported_at=at, create=create)
+
+    async def report_many(
+        self, entity_type: str, reports: list[Report], *, ctx: Context
+    ) -> list[TransitionResult | Replay | OpsCoreError]:
+        """Many state reports: each answered as :meth:`report` would answer it alone.
+
+        Reports of distinct entities run concurrently, so the store commits them together
+        (SQLite: one group commit for the lot); the reports of one entity run in their
+        order in the batch. A refusal is returned in its place, never raised.
+        """
+        results: list[TransitionResult | Replay | OpsCoreError | None] = [None] * len(reports)
+        by_entity: dict[str, list[int]] = {}
+        for i, r in enumerate(reports):
+            by_entity.setdefault(r.entity_id, []).append(i)
+
+        async def in_order(indices: list[int]) -> None:
+            for i in indices:
+                r = reports[i]
+                try:
+                    results[i] = await self.report(
+                        entity_type,
+                        r.entity_id,
+                        r.target,
+                        ctx=ctx,
+                        reported_at=r.reported_at,
+                        details=r.details,
+                        create=r.create,
+                    )
+                except OpsCoreError as exc:
+                    results[i] = exc
+
+        await asyncio.gather(*(in_order(indices) for indices in by_entity.values()))
+        return [r for r in results if r is not None]
 
     async def fire(
         self,

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from opscore import __version__
 from opscore.api import errors as api_errors
 from opscore.api.deps import render_result
-from opscore.api.routes import agents, audit, health, machines, webhooks
+from opscore.api.routes import agents, audit, batch, health, machines, webhooks
 from opscore.config import Settings
 from opscore.engine import Engine
 from opscore.errors import PayloadTooLarge, StorageError
@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (health, agents, audit, machines, webhooks):
+    for module in (health, agents, batch, audit, machines, webhooks):
         app.include_router(module.router)
     limit = settings.max_body_bytes if settings is not None else Settings.model_fields["max_body_bytes"].default
     app.add_middleware(Guard, max_body_bytes=limit)
