@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +199,9 @@ class ChainVerifier:
 
     def add(self, record: dict[str, Any], raw_hash: str | None = None) -> None:
         """Check one record; ``raw_hash`` is the stored hash when it is kept beside the record."""
-        etype, eid = str(record.get("entityType")), str(record.get("entityId"))
+        etype, eid = record.get("entityType"), record.get("entityId")
+        if type(etype) is not str or type(eid) is not str:
+            etype, eid = str(etype), str(eid)
         key = (etype, eid)
         chain = self._chains.get(key)
         if chain is None:
@@ -249,21 +250,18 @@ def verify(records: Iterable[dict[str, Any]], heads: Iterable[tuple[str, str, in
     return verifier.finish()
 
 
-_LONG_DIGITS = re.compile(r"\d{19,}")
-
-
 def loads(text: str) -> Any:
     """Parse JSON like ``json.loads``: orjson (3x faster) unless it could differ.
 
-    orjson reads integers beyond 64 bits as floats and refuses NaN; a text with 19 or more
-    digits in a row (possibly such an integer) or that orjson refuses goes to the stdlib.
+    orjson reads integers beyond 64 bits as floats and refuses NaN: a result holding any
+    float (or anything but str/int/bool/None/dict/list), or a text orjson refuses, is parsed
+    again by the stdlib. Audit records rarely hold floats, so that is the rare path.
     """
-    if _LONG_DIGITS.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    return value if _orjson_safe(value) else json.loads(text)
 
 
 def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
