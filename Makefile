@@ -32,5 +32,11 @@ test: $(BIN)/.test-installed lint
 
 check: test
 
+# One table of every scenario (benchmarks/run.py), also written to benchmarks/results/latest.json.
+bench: $(BIN)/.test-installed
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage coverage.xml

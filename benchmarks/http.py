@@ -58,7 +58,7 @@ def register_idle(server: _proc.Proc, prefix: str, agents: int, at: datetime) ->
 
     async def go() -> int:
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60) as client:
-            return await _post_batches(client, reports, 500, 4)
+            return await _post_batches(client, reports, 1000, 4)
 
     bad = asyncio.run(go())
     if bad:
@@ -157,3 +157,87 @@ def http_state(
 
 if __name__ == "__main__":
     print(json.dumps(http_state(rounds=1, seconds=5), indent=1))
+
+
+BATCH_LUA = Path(__file__).resolve().parent / "batch.lua"
+
+
+def batch(
+    *,
+    seconds: float = 10,
+    agents: int = 4000,
+    size: int = 100,
+    connections: int = 16,
+    threads: int = 2,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """Transitions/s over HTTP through POST /v1/opscore/state-reports, ``size`` reports a request."""
+    tmp = Path(tempfile.mkdtemp(prefix="opscore-bench-"))
+    server = _proc.opscore(database_url or f"sqlite:///{tmp / 'opscore.db'}", log_path=tmp / "server.log").start()
+    try:
+        prefix = f"batch-{os.getpid()}-"
+        register_idle(server, prefix, agents, datetime.now(UTC) - timedelta(seconds=1))
+        argv = [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            "-s",
+            str(BATCH_LUA),
+            server.url,
+            "--",
+            server.api_key,
+            prefix,
+            str(agents),
+            f"{time.time():.6f}",
+            str(threads),
+            str(size),
+        ]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        r = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    duration = r["duration_us"] / 1e6
+    return {
+        "transitions_per_s": r["ok_reports"] / duration,
+        "requests_per_s": r["requests"] / duration,
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "refused_reports": r["bad_reports"],
+        "errors": r["connect"] + r["read"] + r["write"] + r["timeout"],
+    }
+
+
+def startup(*, runs: int = 5) -> dict[str, Any]:
+    """Seconds from process start to /health answering 200 (fresh SQLite file each run)."""
+    times = []
+    for _ in range(runs):
+        tmp = Path(tempfile.mkdtemp(prefix="opscore-bench-"))
+        server = _proc.opscore(f"sqlite:///{tmp / 'opscore.db'}").start()
+        times.append(server.started)
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"median_s": statistics.median(times), "max_s": max(times), "runs": times}
+
+
+def memory(*, agents: int = 100_000) -> dict[str, Any]:
+    """RSS of ``opscore serve`` after ``agents`` agents registered and moved once (registered → idle).
+
+    Their first report registers each agent and applies ``ready``; sent through the batch
+    endpoint, 1000 at a time.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="opscore-bench-"))
+    server = _proc.opscore(f"sqlite:///{tmp / 'opscore.db'}", log_path=tmp / "server.log").start()
+    try:
+        t0 = time.perf_counter()
+        register_idle(server, "m-", agents, datetime.now(UTC))
+        elapsed = time.perf_counter() - t0
+        with httpx.Client(base_url=server.url, headers=server.headers) as client:
+            assert client.get("/v1/opscore/agent/m-0").json()["state"] == "idle"
+        rss = server.rss_mb()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"rss_mb": rss, "agents": agents, "register_seconds": elapsed}
