@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opscore import __version__
 from opscore.api import errors as api_errors
-from opscore.api.deps import render_result
+from opscore.api.deps import document_transition_headers, render_result
 from opscore.api.routes import agents, audit, batch, health, machines, webhooks
 from opscore.config import Settings
 from opscore.engine import Engine
@@ -129,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.extensions = {}
         for hook in startup_hooks:
             await hook(app)
-        log.info("started", extra={"store": store.backend, "version": __version__})
+        loop = type(asyncio.get_running_loop()).__module__  # "uvloop" when uvicorn picked it
+        log.info("started", extra={"store": store.backend, "version": __version__, "loop": loop})
         try:
             yield
         finally:
@@ -149,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
     for module in (health, agents, batch, audit, machines, webhooks):
+        document_transition_headers(module.router)
         app.include_router(module.router)
     limit = settings.max_body_bytes if settings is not None else Settings.model_fields["max_body_bytes"].default
     app.add_middleware(Guard, max_body_bytes=limit)
