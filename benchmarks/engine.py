@@ -2,7 +2,7 @@
 
     python -m benchmarks.engine sqlite|memory|postgresql [--agents N] [--rounds R] [--tasks T]
 
-Runs as its own process with the production logging set up (one JSON line per transition,
+Runs as its own process with the production logging and GC settings (one JSON line per transition,
 to a temp file instead of stdout) and prints one ``RESULT {json}`` line on stderr. Agents are
 first registered by their first report (registered → idle), then every agent alternates
 idle → active → idle ... ``rounds`` times; only that phase is timed. ``tasks`` asyncio
@@ -24,6 +24,7 @@ from typing import Any
 
 
 async def run(url: str, agents: int, rounds: int, tasks: int) -> dict[str, Any]:
+    from opscore.api.app import tune_gc
     from opscore.engine import Context, Engine
     from opscore.models import Entity
     from opscore.storage import open_store
@@ -31,6 +32,7 @@ async def run(url: str, agents: int, rounds: int, tasks: int) -> dict[str, Any]:
     store = open_store(url)
     await store.open()
     engine = Engine(store)
+    tune_gc()  # as the app's lifespan does in production
     ctx = Context(actor="key:bench", request_id="bench")
     base = datetime.now(UTC) - timedelta(hours=1)
     ids = [f"e{i}" for i in range(agents)]
