@@ -38,5 +38,11 @@ diagrams: $(BIN)/.installed
 	$(BIN)/opscore diagram --all --format mermaid --out diagrams
 	$(BIN)/opscore diagram --all --format svg --out diagrams
 
+# One table of every scenario (benchmarks/run.py), also written to benchmarks/results/latest.json.
+bench: $(BIN)/.test-installed
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage coverage.xml

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 GENESIS = "0" * 64
 
 RECORD_FIELDS = (
@@ -36,10 +38,52 @@ RECORD_FIELDS = (
 )
 
 _encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_SORTED = orjson.OPT_SORT_KEYS
+_PLAIN = (str, int, bool, type(None))
+
+
+class Sealed(dict[str, Any]):
+    """A sealed record (a plain dict to everyone) that also carries its JSON text.
+
+    ``text`` is the whole record, ``hash`` included, serialised once while sealing: the
+    canonical bytes with ``"hash"`` appended as the last key. Stores write it as the row's
+    body and the log line splices it in, so a record is serialised once, not three times.
+    """
+
+    __slots__ = ("text",)
+    text: str
+
+
+def _orjson_safe(value: Any) -> bool:
+    """Whether orjson writes exactly the stdlib's bytes for ``value``.
+
+    They agree on str (same escapes, UTF-8 as is), exact int, bool, None, and on dict (str
+    keys, sorted by code point) and list of those. They differ on floats (``1e+16`` against
+    ``1e16``, NaN) and on subclasses, so anything else takes the stdlib path.
+    """
+    kind = type(value)
+    if kind is dict or kind is Sealed:
+        for k, v in value.items():  # noqa: SIM110 - a loop is faster than all() over a generator here
+            if type(k) is not str or not (type(v) in _PLAIN or _orjson_safe(v)):
+                return False
+        return True
+    if kind is list:
+        return all(type(v) in _PLAIN or _orjson_safe(v) for v in value)
+    return kind in _PLAIN
 
 
 def canonical(record: dict[str, Any]) -> bytes:
-    """The exact bytes DESIGN §4 hashes (``record`` must not hold ``hash``)."""
+    """The exact bytes DESIGN §4 hashes (``record`` must not hold ``hash``).
+
+    Always ``json.dumps(record, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False).encode("utf-8")``; orjson produces them ~10x faster (0.3 against 3 µs
+    for a record) whenever :func:`_orjson_safe` holds, the stdlib otherwise.
+    """
+    if _orjson_safe(record):
+        try:
+            return orjson.dumps(record, option=_SORTED)
+        except orjson.JSONEncodeError:  # an int beyond 64 bits
+            pass
     return _encode(record).encode("utf-8")
 
 
@@ -52,13 +96,23 @@ def digest(record: dict[str, Any]) -> str:
 
 def seal(draft: dict[str, Any], *, record_id: int, seq: int, prev_hash: str, recorded_at: str) -> dict[str, Any]:
     """Complete a draft at the chain's head: fill the chain fields and compute ``hash``."""
-    record = dict(draft)
+    record = Sealed(draft)
     record["id"] = record_id
     record["seq"] = seq
     record["prevHash"] = prev_hash
     record["recordedAt"] = recorded_at
-    record["hash"] = hashlib.sha256(canonical(record)).hexdigest()
+    body = canonical(record)
+    record["hash"] = hashed = hashlib.sha256(body).hexdigest()
+    record.text = body[:-1].decode("utf-8") + ',"hash":"' + hashed + '"}'
     return record
+
+
+def text_of(record: dict[str, Any]) -> str:
+    """The record's JSON text: the one made while sealing, or a fresh compact serialisation."""
+    text = getattr(record, "text", None)
+    if text is None:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return str(text)
 
 
 def draft(
@@ -145,7 +199,9 @@ class ChainVerifier:
 
     def add(self, record: dict[str, Any], raw_hash: str | None = None) -> None:
         """Check one record; ``raw_hash`` is the stored hash when it is kept beside the record."""
-        etype, eid = str(record.get("entityType")), str(record.get("entityId"))
+        etype, eid = record.get("entityType"), record.get("entityId")
+        if type(etype) is not str or type(eid) is not str:
+            etype, eid = str(etype), str(eid)
         key = (etype, eid)
         chain = self._chains.get(key)
         if chain is None:
@@ -201,6 +257,20 @@ def verify(records: Iterable[dict[str, Any]], heads: Iterable[tuple[str, str, in
     return verifier.finish()
 
 
+def loads(text: str) -> Any:
+    """Parse JSON like ``json.loads``: orjson (3x faster) unless it could differ.
+
+    orjson reads integers beyond 64 bits as floats and refuses NaN: a result holding any
+    float (or anything but str/int/bool/None/dict/list), or a text orjson refuses, is parsed
+    again by the stdlib. Audit records rarely hold floats, so that is the rare path.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    return value if _orjson_safe(value) else json.loads(text)
+
+
 def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     """Parse an exported JSON Lines file, skipping blank lines.
 
@@ -209,7 +279,7 @@ def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
-                record = json.loads(line)
+                record = loads(line)
             except ValueError as exc:
                 raise ValueError(f"line {number} is not JSON: {exc}") from exc
             if not isinstance(record, dict):

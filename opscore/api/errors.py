@@ -80,16 +80,19 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def validation_body(errors: Any) -> dict[str, Any]:
+    """The 422 body for pydantic's error list (also used per report of a batch)."""
     problems = [
         {"loc": _plain(list(e.get("loc", ()))), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-        for e in exc.errors()
+        for e in errors
     ]
     summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems) or "invalid request"
-    return JSONResponse(
-        {"detail": f"invalid request: {summary}", "code": "validation_error", "errors": problems}, status_code=422
-    )
+    return {"detail": f"invalid request: {summary}", "code": "validation_error", "errors": problems}
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(validation_body(exc.errors()), status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -80,6 +80,27 @@ class StateReport(Wire):
     details: dict[str, Any] | None = Field(default=None, description="free-form; may carry opscore_task_id")
 
 
+MAX_BATCH = 1000
+
+
+class StateReportBatch(BaseModel):
+    """Up to 1000 state reports; each is validated on its own and answered in its place."""
+
+    reports: list[dict[str, Any]] = Field(
+        max_length=MAX_BATCH,
+        description='each `{"agentId", "timestamp", "state", "details"}` as in a single state report',
+    )
+
+
+class BatchResult(BaseModel):
+    status: int
+    body: dict[str, Any]
+
+
+class StateReportBatchAnswer(BaseModel):
+    results: list[BatchResult]
+
+
 class TriggerRequest(Wire):
     """An operator asks for a trigger by name."""
 

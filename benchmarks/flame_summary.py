@@ -1,0 +1,56 @@
+"""Group py-spy collapsed stacks (``--format raw``) of the server into hot-path components.
+
+    python benchmarks/flame_summary.py benchmarks/results/profile.txt
+
+Each sample goes to the leaf-most frame that belongs to a named component; what is left is
+framework plumbing, then the event loop.
+"""
+
+import collections
+import sys
+
+cats = [  # first match from the leaf upwards wins
+    ("sqlite writer thread: SQL, seal, rows", ["opscore-sqlite-writer", "_writer_main"]),
+    ("log writer thread", ["BackgroundHandler._run"]),
+    ("audit log line (format, LogRecord, enqueue)", ["Engine._emit"]),
+    ("engine: fsm decision", ["Fsm.fire", "decide"]),
+    ("engine: store round trip (submit, await, deliver)", ["SQLiteStore.apply", "SQLiteStore.get", "_deliver"]),
+    ("engine: the rest (locks, records, results)", ["Engine.report", "Engine._run", "Engine._attempt"]),
+    ("FastAPI: dependencies (auth, context, engine)", ["solve_dependencies"]),
+    ("FastAPI: body parsing + validation", ["request_body_to_args", "Request.json", "Request.body", "_validate"]),
+    (
+        "response: JSONResponse + send",
+        ["JSONResponse", "Response.__call__", "RequestResponseCycle.send", "send_with_id", "_send"],
+    ),
+    ("route function (seed, answer)", ["report_state"]),
+    ("uvicorn HTTP parsing + protocol", ["HttpToolsProtocol"]),
+    ("Starlette/FastAPI routing + middleware stack", ["fastapi/", "starlette/", "uvicorn/"]),
+    ("event loop (uvloop) and other", [""]),
+]
+tot = collections.Counter()
+total = 0
+with open(sys.argv[1]) as fh:
+    lines = fh.read().splitlines()
+for line in lines:
+    stack, _, n = line.rstrip().rpartition(" ")
+    n = int(n)
+    total += n
+    frames = stack.split(";")
+    chosen = "Guard middleware (own frames)" if "Guard." in frames[-1] else None
+    specific = cats[:-3]
+    for f in [] if chosen else reversed(frames):  # the leaf-most frame of a specific category decides
+        for name, keys in specific:
+            if any(k in f for k in keys):
+                chosen = name
+                break
+        if chosen:
+            break
+    if chosen is None:
+        for name, keys in cats[-3:]:
+            if any(any(k in f for k in keys) for f in frames):
+                chosen = name
+                break
+    tot[chosen] += n
+for name in [c[0] for c in cats] + ["Guard middleware (own frames)"]:
+    print(f"{100 * tot[name] / total:5.1f}%  {name}")
+print("samples", total)

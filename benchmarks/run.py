@@ -1,0 +1,250 @@
+"""``make bench``: every scenario, one table, and benchmarks/results/latest.json.
+
+    python -m benchmarks.run [--quick] [--only http-state,engine,...]
+
+Each row carries the command that reruns it alone. Numbers are medians where a scenario
+repeats; this is a shared 2-core machine, so read them with the load average printed above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import audit_query, http
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PY = "python"
+
+
+def engine(backend: str, **kw: int) -> dict[str, Any]:
+    args = [f"--{k}={v}" for k, v in kw.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine", backend, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stderr
+    return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+
+
+def postgres_available() -> str | None:
+    """Why the PostgreSQL variants are skipped, or ``None`` when they can run."""
+    url = os.environ.get("OPSCORE_TEST_DATABASE_URL", "")
+    if not url:
+        return "OPSCORE_TEST_DATABASE_URL is not set"
+    try:
+        import opscore.storage.postgres  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return "this branch has no PostgreSQL store (opscore/storage/postgres.py) yet"
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="shorter runs, 100k audit records at most")
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    quick = args.quick
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
+    rows: list[dict[str, Any]] = []
+
+    def row(scenario: str, metric: str, value: Any, target: str, met: bool | None, command: str) -> None:
+        rows.append(
+            {"scenario": scenario, "metric": metric, "value": value, "target": target, "met": met, "command": command}
+        )
+
+    details: dict[str, Any] = {}
+    seconds, rounds = (5, 2) if quick else (10, 3)
+    if wanted("http-state"):
+        cmd = f"{PY} -c 'from benchmarks import http; print(http.http_state(rounds={rounds}, seconds={seconds}))'"
+        r = http.http_state(rounds=rounds, seconds=seconds)
+        details["http-state"] = r
+        row("http-state", "ours req/s", round(r["ours_rps"]), "", None, cmd)
+        row("http-state", "ceiling req/s", round(r["ceiling_rps"]), "", None, cmd)
+        row("http-state", "ratio ours/ceiling", round(r["ratio"], 2), ">= 0.5", r["ratio"] >= 0.5, cmd)
+        row(
+            "http-state",
+            "ours p50 / p99 ms",
+            f"{r['ours_p50_ms']:.1f} / {r['ours_p99_ms']:.1f}",
+            "p99 <= 50",
+            r["ours_p99_ms"] <= 50,
+            cmd,
+        )
+        row(
+            "http-state",
+            "ceiling p50 / p99 ms",
+            f"{r['ceiling_p50_ms']:.1f} / {r['ceiling_p99_ms']:.1f}",
+            "",
+            None,
+            cmd,
+        )
+        row(
+            "http-state",
+            "errors (ours, ceiling)",
+            f"{r['ours_errors']}, {r['ceiling_errors']}",
+            "0",
+            r["ours_errors"] == 0,
+            cmd,
+        )
+    for backend, target in (("sqlite", 20_000), ("memory", 50_000)):
+        name = f"engine-{backend}"
+        if wanted("engine") or wanted(name):
+            r = engine(backend)
+            details[name] = r
+            row(
+                "engine",
+                f"{backend} transitions/s",
+                round(r["per_s"]),
+                f">= {target:,}",
+                r["per_s"] >= target,
+                f"{PY} -m benchmarks.engine {backend}",
+            )
+            row(
+                "engine",
+                f"{backend} CPU us/transition",
+                round(r["cpu_us_per_transition"], 1),
+                "",
+                None,
+                f"{PY} -m benchmarks.engine {backend}",
+            )
+    if wanted("batch"):
+        r = http.batch(seconds=seconds)
+        details["batch"] = r
+        cmd = f"{PY} -c 'from benchmarks import http; print(http.batch(seconds={seconds}))'"
+        row(
+            "batch",
+            "transitions/s (100 a request)",
+            round(r["transitions_per_s"]),
+            ">= 20,000",
+            r["transitions_per_s"] >= 20_000,
+            cmd,
+        )
+        row("batch", "refused / errors", f"{r['refused_reports']} / {r['errors']}", "0", r["refused_reports"] == 0, cmd)
+    if wanted("audit-query"):
+        sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+        r = audit_query.run(sizes)
+        details["audit-query"] = r
+        cmd = f"{PY} -m benchmarks.audit_query --sizes {','.join(map(str, sizes))}"
+        for size in sizes:
+            q = r[str(size)]
+            big = size == max(sizes)
+            row(
+                "audit-query",
+                f"{size:,}: agent page p50/p99 ms",
+                f"{q['agent_page_p50_ms']:.2f} / {q['agent_page_p99_ms']:.2f}",
+                "p99 <= 5 at 1M" if big else "",
+                q["agent_page_p99_ms"] <= 5 if big else None,
+                cmd,
+            )
+            row(
+                "audit-query",
+                f"{size:,}: global page p50/p99 ms",
+                f"{q['global_page_p50_ms']:.2f} / {q['global_page_p99_ms']:.2f}",
+                "p99 <= 5 at 1M" if big else "",
+                q["global_page_p99_ms"] <= 5 if big else None,
+                cmd,
+            )
+        v = r["verify"]
+        row(
+            "audit-query",
+            f"verify {v['records']:,} records/s",
+            round(v["records_per_s"]),
+            ">= 200,000",
+            v["records_per_s"] >= 200_000,
+            cmd,
+        )
+    if wanted("memory"):
+        r = http.memory(agents=100_000)
+        details["memory"] = r
+        row(
+            "memory",
+            "RSS MB, 100k agents + 1 transition each",
+            round(r["rss_mb"]),
+            "<= 300",
+            r["rss_mb"] <= 300,
+            f"{PY} -c 'from benchmarks import http; print(http.memory())'",
+        )
+    if wanted("startup"):
+        r = http.startup()
+        details["startup"] = r
+        row(
+            "startup",
+            "process start -> /health 200, s (median of 5)",
+            round(r["median_s"], 2),
+            "<= 1.5",
+            r["median_s"] <= 1.5,
+            f"{PY} -c 'from benchmarks import http; print(http.startup())'",
+        )
+    if wanted("postgres"):
+        why = postgres_available()
+        cmd = "OPSCORE_TEST_DATABASE_URL=postgresql://... python -m benchmarks.run --only postgres"
+        if why is not None:
+            row("postgres", "http-state / engine", "skipped", "", None, f"{cmd}  ({why})")
+            print(f"postgres variants skipped: {why}", file=sys.stderr)
+        else:
+            url = os.environ["OPSCORE_TEST_DATABASE_URL"]
+            r = http.http_state(rounds=rounds, seconds=seconds, database_url=url)
+            details["postgres-http-state"] = r
+            row("postgres", "http-state ratio ours/ceiling", round(r["ratio"], 2), "", None, cmd)
+            row(
+                "postgres",
+                "http-state ours req/s, p99 ms",
+                f"{r['ours_rps']:.0f}, {r['ours_p99_ms']:.1f}",
+                "",
+                None,
+                cmd,
+            )
+            e = engine("postgresql")
+            details["postgres-engine"] = e
+            row("postgres", "engine transitions/s", round(e["per_s"]), "", None, cmd)
+
+    machine = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_end": os.getloadavg(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print_table(rows, machine)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine, "rows": rows, "details": details}, indent=1))
+
+
+def print_table(rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
+    print(
+        f"\nmachine: {machine['nproc']} CPUs, Python {machine['python']}, {machine['platform']}, "
+        f"load average at end {machine['loadavg_at_end'][0]:.2f}"
+    )
+    widths = [12, 44, 22, 16, 5]
+    head = ["scenario", "metric", "value", "target", "met"]
+    print(" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        cells = [r["scenario"], r["metric"], str(r["value"]), r["target"], met]
+        print(" | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+    print("\nrerun a scenario:")
+    seen = set()
+    for r in rows:
+        if r["command"] not in seen:
+            seen.add(r["command"])
+            print(f"  {r['scenario']:<12} {r['command']}")
+
+
+if __name__ == "__main__":
+    main()
