@@ -257,7 +257,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("the simulator needs OPSCORE_API_KEY and OPSCORE_WEBHOOK_SECRET (as Ops-Core has them)", file=sys.stderr)
         return 2
     config = SimConfig(
-        opscore_url=args.opscore_url.rstrip("/"),
+        opscore_url=args.opscore_url,
         api_key=api_key,
         webhook_secret=secret,
         agents=args.agents,
@@ -328,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="a stand-in AgentKit playing N simulated agents")
     sim.add_argument("--host", default=os.environ.get("SIMULATOR_HOST", "127.0.0.1"))
     sim.add_argument("--port", type=int, default=int(os.environ.get("SIMULATOR_PORT", "8001")))
-    sim.add_argument("--opscore-url", default=os.environ.get("OPSCORE_API_URL", "http://127.0.0.1:8000"))
+    sim.add_argument(
+        "--opscore-url",
+        default=os.environ.get("OPSCORE_API_URL", "http://127.0.0.1:8000"),
+        help="Ops-Core's URL; several replicas comma separated (reports go to each in turn)",
+    )
     sim.add_argument("--agents", type=int, default=int(os.environ.get("SIMULATOR_AGENTS", "3")))
     sim.add_argument("--prefix", default="sim-agent", help="simulated agents are <prefix>-0, <prefix>-1, ...")
     sim.add_argument(

@@ -399,6 +399,42 @@ class Engine:
         audit_log.debug("upsert", extra={"entityType": entity_type, "entityId": entity_id, "actor": ctx.actor})
         return committed.entity, committed.created
 
+    async def create(self, entity_type: str, entity_id: str, data: dict[str, Any], *, ctx: Context) -> Entity:
+        """Create an entity in its initial state unless it exists; an existing one is left untouched.
+
+        Unlike :meth:`upsert`, a second creator (another replica healing the same gap) can
+        never overwrite what the first one has done with the entity since.
+        """
+        fsm = self.fsms[entity_type]
+        seed = Entity(entity_type, entity_id, fsm.initial, data=data)
+        async with self._entity_locks.hold((entity_type, entity_id)):
+            committed = await self.store.apply(Change(entity_type, entity_id, create=seed))
+        return committed.entity
+
+    async def update(
+        self,
+        entity_type: str,
+        entity_id: str,
+        data: dict[str, Any],
+        *,
+        ctx: Context,
+        expected_revision: int | None = None,
+        expected_data: dict[str, Any] | None = None,
+    ) -> Entity:
+        """Merge ``data`` into a known entity, compare-and-set: no state change, no record.
+
+        ``RevisionConflict`` when the entity moved (``expected_revision``) or its metadata no
+        longer holds ``expected_data``; ``UnknownEntity`` when it does not exist. The caller
+        re-reads and decides again: nothing here retries, because the decision was the caller's.
+        """
+        change = Change(
+            entity_type, entity_id, expected_revision=expected_revision, expected_data=expected_data, data=data
+        )
+        async with self._entity_locks.hold((entity_type, entity_id)):
+            committed = await self.store.apply(change)
+        audit_log.debug("update", extra={"entityType": entity_type, "entityId": entity_id, "actor": ctx.actor})
+        return committed.entity
+
     async def get(self, entity_type: str, entity_id: str) -> Entity:
         entity = await self.store.get(entity_type, entity_id)
         if entity is None:

@@ -73,6 +73,9 @@ class Change:
     - ``create``: insert this entity first when it does not exist yet.
     - ``expected_revision``: compare-and-set; the write fails with ``RevisionConflict``
       unless the stored revision equals it. ``None`` checks nothing.
+    - ``expected_data``: compare-and-set on metadata, for writes that move no state (and so
+      no revision): the write fails with ``RevisionConflict`` unless every key holds the
+      given value (an absent key holds ``None``). Workflows claim an agent with it.
     - ``state``: the new state of an applied transition (revision + 1).
     - ``record``: an audit record draft (everything but ``id``, ``seq``, ``prevHash``,
       ``recordedAt`` and ``hash``, which the store fills in at the chain's head).
@@ -85,6 +88,7 @@ class Change:
     entity_id: str
     create: Entity | None = None
     expected_revision: int | None = None
+    expected_data: dict[str, Any] | None = None
     state: str | None = None
     record: dict[str, Any] | None = None
     seen_at: str | None = None

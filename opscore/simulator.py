@@ -15,8 +15,13 @@ agents the way AgentKit and its SDK do (DESIGN §2):
   unless ``echoTaskId`` is on, and are never retried.
 - ``N`` agents ``<prefix>-<i>`` are played from the start: each reports ``initializing``
   before its webhook (as the real AgentKit does), then ``idle``, then heartbeats.
+- ``opscore_url`` may list several Ops-Core replicas, comma separated: reports and webhooks
+  go to them in turn, and one that refuses the connection is skipped for the next (what a
+  load balancer in front of replicas does; a request that reached a replica is never sent
+  again, as the real SDK never retries).
 
-Inspection and control for tests and demos: ``GET /calls`` (every ``/run`` call received),
+Inspection and control for tests and demos: ``GET /calls`` (every ``/run`` call received,
+with ``overlap: true`` when its agent was still working on an earlier task),
 ``DELETE /calls``, ``GET /agents``, ``POST /control`` (``latency``, ``failureRate``,
 ``runStatus`` to answer every ``/run`` with that HTTP status, ``echoTaskId``, per-agent
 ``scripts`` of outcomes ``ok``/``error``/``silent``), ``POST /agents/{id}/report``.
@@ -73,6 +78,8 @@ class SimAgent:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     script: list[str] = field(default_factory=list)
     runs: int = 0
+    working: bool = False
+    """Between a /run and the report that ends it: a second /run meanwhile is an overlap."""
 
 
 class Simulator:
@@ -87,6 +94,8 @@ class Simulator:
         self.random = random.Random(config.seed)
         self.client: httpx.AsyncClient | None = None
         self.background: set[asyncio.Task[Any]] = set()
+        self.urls = [u.strip().rstrip("/") for u in config.opscore_url.split(",") if u.strip()]
+        self.turn = 0
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -98,6 +107,19 @@ class Simulator:
         assert self.client is not None
         return self.client
 
+    async def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        """POST to the next Ops-Core replica; a refused connection moves on to the one after."""
+        self.turn += 1
+        error: httpx.ConnectError | None = None
+        for i in range(len(self.urls)):
+            url = self.urls[(self.turn + i) % len(self.urls)]
+            try:
+                return await self.http.post(url + path, **kwargs)
+            except httpx.ConnectError as exc:  # never reached that replica: safe to try another
+                error = exc
+        assert error is not None
+        raise error
+
     async def report(self, agent: SimAgent, state: str, details: dict[str, Any] | None = None) -> int | None:
         """One state report as the SDK sends it; never retried. The HTTP status, or None."""
         body = {
@@ -107,16 +129,16 @@ class Simulator:
             "details": details or {},
         }
         status: int | None = None
+        agent.state = state  # the agent is in it from now, whatever becomes of the report
         try:
-            response = await self.http.post(
-                f"{self.config.opscore_url}/v1/opscore/agent/{agent.agent_id}/state",
+            response = await self.post(
+                f"/v1/opscore/agent/{agent.agent_id}/state",
                 json=body,
                 headers={"Authorization": f"Bearer {self.config.api_key}"},
             )
             status = response.status_code
         except httpx.HTTPError as exc:
             log.warning("report failed", extra={"agentId": agent.agent_id, "state": state, "error": str(exc)})
-        agent.state = state
         self.reports.append({"agentId": agent.agent_id, "state": state, "status": status, "at": time.time()})
         return status
 
@@ -136,9 +158,7 @@ class Simulator:
             "X-AgentKit-Timestamp": timestamp,
             "X-AgentKit-Signature": sign(self.config.webhook_secret.split(",")[0].strip().encode(), timestamp, raw),
         }
-        response = await self.http.post(
-            f"{self.config.opscore_url}/v1/opscore/internal/agent/notify", content=raw, headers=headers
-        )
+        response = await self.post("/v1/opscore/internal/agent/notify", content=raw, headers=headers)
         return response.status_code
 
     async def bring_up(self, agent: SimAgent) -> None:
@@ -182,6 +202,7 @@ class Simulator:
             await asyncio.sleep(self.config.latency / 2)
             await self.report(agent, "active", dict(echo))
             await asyncio.sleep(self.config.latency / 2)
+            agent.working = False  # before the report: Ops-Core may hand it the next task at once
             if outcome == "error":
                 await self.report(agent, "error", {**echo, "error": "simulated failure"})
                 await self.report(agent, "idle")
@@ -251,13 +272,22 @@ def create_app(config: SimConfig) -> FastAPI:
         agent = sim.agents.get(agent_id)
         status = sim.run_status or (202 if agent is not None else 404)
         outcome = sim.outcome(agent) if agent is not None and status == 202 else None
+        overlap = agent is not None and agent.working
         sim.calls.append(
-            {"agentId": agent_id, "body": body, "status": status, "outcome": outcome, "receivedAt": time.time()}
+            {
+                "agentId": agent_id,
+                "body": body,
+                "status": status,
+                "outcome": outcome,
+                "overlap": overlap,
+                "receivedAt": time.time(),
+            }
         )
         if status != 202:
             return JSONResponse({"status": "error", "detail": f"answered {status}"}, status_code=status)
         assert agent is not None and outcome is not None
         agent.runs += 1
+        agent.working = agent.simulated and outcome != "silent"
         if agent.simulated:
             sim.spawn(sim.play(agent, body, outcome))
         return JSONResponse({"status": "success", "message": "Message accepted for processing"}, status_code=202)

@@ -30,6 +30,8 @@ class Simulator:
     heartbeat: float = 30.0
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
+    opscore_urls: list[str] | None = None
+    """Several replicas: the agents' reports go to each in turn (``server`` is still asked for state)."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +48,7 @@ class Simulator:
         argv = [
             sys.executable, "-m", "opscore", "simulate",
             "--port", str(self.port),
-            "--opscore-url", self.server.url,
+            "--opscore-url", ",".join(self.opscore_urls or [self.server.url]),
             "--agents", str(self.agents),
             "--prefix", self.prefix,
             "--capabilities", self.capabilities,

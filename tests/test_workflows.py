@@ -310,3 +310,17 @@ def test_concurrent_runs_never_give_one_agent_two_tasks(stack: Env) -> None:
         assert {t["attempt"] for r in runs for t in r["tasks"]} == {1}
     per_agent = Counter(c["agentId"] for c in sim.calls())
     assert sum(per_agent.values()) == 60
+
+
+def test_starting_a_run_for_an_unknown_agent_is_404(server: Server) -> None:
+    """DESIGN §5: unknown ids answer 404; only a state report registers an unknown agent."""
+    inline = definition([{"taskId": "t", "agentCapability": "summarise_text"}], "inline-for-nobody")
+    with server.client() as client:
+        client.post("/v1/opscore/workflow-definitions", json=EXAMPLE).raise_for_status()
+        for body in ({"workflowDefinitionId": EXAMPLE["id"]}, {"workflowDefinition": inline}):
+            answer = client.post("/v1/opscore/agent/nobody/workflow", json=body)
+            assert answer.status_code == 404, answer.text
+            assert answer.json()["code"] == "unknown_agent" and "detail" in answer.json()
+        assert client.get("/v1/opscore/workflows").json()["items"] == []
+        assert client.get("/v1/opscore/workflow-definitions/inline-for-nobody").status_code == 404
+        assert client.get("/v1/opscore/agent/nobody").status_code == 404  # and it was not registered either

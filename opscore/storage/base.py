@@ -39,7 +39,10 @@ def next_entity(
     """Apply ``change`` to ``current``: the new entity, the sealed audit record, created?
 
     Raises ``UnknownEntity`` (absent and nothing to create) or ``RevisionConflict``
-    (compare-and-set lost). ``record_id`` is the id the backend allocated for the record.
+    (compare-and-set lost: ``expected_revision`` or ``expected_data`` no longer holds). Every
+    backend calls this under its write lock (SQLite's one writer, PostgreSQL's row lock), so
+    both conditions are checked against the committed row, never a stale copy. ``record_id``
+    is the id the backend allocated for the record.
     """
     created = False
     if current is None:
@@ -53,6 +56,13 @@ def next_entity(
             f"not {change.expected_revision}",
             revision=current.revision,
         )
+    if change.expected_data is not None:
+        moved = sorted(k for k, v in change.expected_data.items() if current.data.get(k) != v)
+        if moved:
+            raise RevisionConflict(
+                f"{change.entity_type} {change.entity_id!r} changed its {', '.join(moved)} meanwhile",
+                revision=current.revision,
+            )
     record = None
     seq, head = current.seq, current.head_hash
     if change.record is not None:

@@ -3,8 +3,8 @@
 Correctness must not depend on which replica a request lands on: conflicting reports spread
 over the replicas lose no update and leave gap-free, verifiable chains; an Idempotency-Key
 or a webhook signature used on one replica holds on the others; killing one replica with
-``kill -9`` mid-load loses nothing it acknowledged. (The three-replica workflow test, one
-``/run`` per task attempt, waits for the workflow engine of the workflows branch.)
+``kill -9`` mid-load loses nothing it acknowledged. Workflows on three replicas (one
+``/run`` per task attempt) are in ``test_workflow_replicas.py``.
 """
 
 from __future__ import annotations

@@ -122,6 +122,31 @@ def test_create_without_record_and_metadata_merge(backend: Backend) -> None:
     backend.run(scenario)
 
 
+def test_expected_data_is_a_compare_and_set_on_metadata(backend: Backend) -> None:
+    """A data-only write moves no revision, so ``expected_data`` is what makes it a CAS."""
+
+    async def scenario(store: Store) -> None:
+        seed = Entity("agent", "a1", "registered", data={"agentName": "one"})
+        await store.apply(Change("agent", "a1", create=seed))
+        won = await store.apply(Change("agent", "a1", expected_data={"claim": None}, data={"claim": "x"}))
+        assert won.entity.data == {"agentName": "one", "claim": "x"} and won.entity.revision == 0
+        for lost in (
+            Change("agent", "a1", expected_data={"claim": None}, data={"claim": "y"}),
+            Change("agent", "a1", expected_data={"claim": "x", "agentName": "two"}, data={"claim": "y"}),
+            Change("agent", "a1", expected_revision=1, expected_data={"claim": "x"}, data={"claim": "y"}),
+        ):
+            with pytest.raises(RevisionConflict):
+                await store.apply(lost)
+        assert (await store.get("agent", "a1")) == won.entity
+        moved = await store.apply(
+            Change("agent", "a1", expected_revision=0, expected_data={"claim": "x"}, data={"claim": "y"})
+        )
+        assert moved.entity.data["claim"] == "y"
+        assert await chain(store, "a1") == []
+
+    backend.run(scenario)
+
+
 def test_seq_is_gap_free_and_every_chain_links(backend: Backend) -> None:
     async def scenario(store: Store) -> None:
         for i in range(21):

@@ -156,10 +156,14 @@ async def start_workflow(
     request: Request,
     ctx: ContextDep,
 ) -> JSONResponse:
-    """202 `{"sessionId", "workflowId", "state"}`; the first task is dispatched (or waits for an agent)."""
+    """202 `{"sessionId", "workflowId", "state"}`; the first task is dispatched (or waits for an agent).
+
+    404 `unknown_agent` when the triggering agent is unknown (only a state report registers one).
+    """
     runs = get_runs(request)
     if (body.workflowDefinitionId is None) == (body.workflowDefinition is None):
         raise Invalid("give exactly one of workflowDefinitionId and workflowDefinition", code="validation_error")
+    await runs.trigger_agent(agent_id)
     if body.workflowDefinition is not None:
         definition, _ = await runs.publish(body.workflowDefinition)
     else:
