@@ -23,7 +23,7 @@ import httpx
 from tests.servers import Server, free_port
 from tests.simulator import Simulator
 
-EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/examples/two_step_workflow.json").read_text())
+EXAMPLE = json.loads((Path(__file__).resolve().parents[1] / "examples/two_step_workflow.json").read_text())
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from opscore.errors import InvalidDefinition
 from opscore.workflows.definitions import parse, validate
 from tests.servers import Server
 
-EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/examples/two_step_workflow.json").read_text())
+EXAMPLE = json.loads((Path(__file__).resolve().parents[1] / "examples/two_step_workflow.json").read_text())
 
 
 def task(task_id: str, nxt: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 from tests.servers import Server, free_port
 from tests.simulator import Simulator, wait_for
 
-EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/examples/two_step_workflow.json").read_text())
+EXAMPLE = json.loads((Path(__file__).resolve().parents[1] / "examples/two_step_workflow.json").read_text())
 TERMINAL = ("completed", "failed", "cancelled")
 
 Env = Callable[..., tuple[Server, Simulator]]

@@ -1,6 +1,6 @@
 """Workflow definitions: parse JSON or YAML, validate, and freeze into :class:`Definition`.
 
-The format is ``../shared/examples/two_step_workflow.json``: ``id``, ``name``, ``version``,
+The format is ``examples/two_step_workflow.json``: ``id``, ``name``, ``version``,
 ``description``, ``tasks[taskId, name, agentCapability, parameters, nextTaskId]`` plus the
 optional per-task ``agentId``, ``maxRetries`` (default 3), ``timeoutSeconds`` (default
 ``OPSCORE_TASK_TIMEOUT_SECONDS``), ``retryBackoffSeconds`` (default 1) and ``fallbackTaskId``.
