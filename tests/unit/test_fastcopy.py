@@ -9,7 +9,7 @@ import pytest
 
 from opscore import engine
 from opscore.fastcopy import replacer
-from opscore.models import Change, Entity, IdempotencyEntry, Timer
+from opscore.models import Change, Committed, Entity, IdempotencyEntry, Timer, TransitionResult
 from opscore.storage import base
 
 
@@ -79,3 +79,38 @@ def test_next_entity_keeps_every_entity_field() -> None:
     )
     for cls in (Change, Entity, IdempotencyEntry, Timer):
         assert all(f.init for f in dataclasses.fields(cls))
+
+
+FAST = [Entity, Change, Committed, TransitionResult]
+
+
+@pytest.mark.parametrize("cls", FAST, ids=lambda c: c.__name__)
+def test_fast_init_equals_the_dataclass_init(cls: type[Any]) -> None:
+    assert cls.__init__ is not cls.__dataclass_init__
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    values = {f.name: object() for f in fields}
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        obj = object.__new__(cls)
+        cls.__dataclass_init__(obj, *args, **kwargs)
+        return obj
+
+    every = [values[f.name] for f in fields]
+    for fast_obj, slow_obj in [
+        (cls(*every), slow(*every)),
+        (cls(**values), slow(**values)),
+        (cls(*[values[n] for n in required]), slow(*[values[n] for n in required])),
+    ]:
+        for f in fields:
+            a, b = getattr(fast_obj, f.name), getattr(slow_obj, f.name)
+            assert a == b and type(a) is type(b), f.name
+    if any(f.default_factory is not dataclasses.MISSING for f in fields):
+        one, two = cls(*[values[n] for n in required]), cls(*[values[n] for n in required])
+        for f in fields:
+            if f.default_factory is not dataclasses.MISSING:
+                assert getattr(one, f.name) is not getattr(two, f.name)  # a fresh default each time
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cls(*every).__setattr__(fields[0].name, 1)
+    with pytest.raises(TypeError):
+        cls(*every, object())
