@@ -426,8 +426,96 @@ class Engine:
                 except OpsCoreError as exc:
                     results[i] = exc
 
-        await asyncio.gather(*(in_order(indices) for indices in by_entity.values()))
+        if ctx.idempotency is not None or ctx.if_match is not None:
+            await asyncio.gather(*(in_order(indices) for indices in by_entity.values()))
+            return [r for r in results if r is not None]
+        # Entities whose lock is free are taken now and applied together: one read of all,
+        # one decision each, one store.apply_many (SQLite: one job, one future, one group
+        # commit). Entities someone else holds go the single-report way, concurrently.
+        locks = self._entity_locks
+        mine: list[str] = []
+        busy: list[list[int]] = []
+        for entity_id, indices in by_entity.items():
+            if locks.try_acquire((entity_type, entity_id)):
+                mine.append(entity_id)
+            else:
+                busy.append(indices)
+
+        async def together() -> None:
+            try:
+                depth = 0
+                while True:
+                    indices = [by_entity[e][depth] for e in mine if len(by_entity[e]) > depth]
+                    if not indices:
+                        return
+                    await self._report_round(entity_type, reports, indices, ctx, results)
+                    depth += 1
+            finally:
+                for entity_id in mine:
+                    locks.release((entity_type, entity_id))
+
+        if busy:
+            await asyncio.gather(together(), *(in_order(indices) for indices in busy))
+        else:
+            await together()
         return [r for r in results if r is not None]
+
+    async def _report_round(
+        self,
+        entity_type: str,
+        reports: list[Report],
+        indices: list[int],
+        ctx: Context,
+        results: list[TransitionResult | Replay | OpsCoreError | None],
+    ) -> None:
+        """Reports of distinct entities whose locks the caller holds: decided and committed together."""
+        fsm = self.fsms[entity_type]
+        currents = await self.store.get_many(entity_type, [reports[i].entity_id for i in indices])
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        todo: list[tuple[int, Entity, str | None, dict[str, Any], Change, OpsCoreError | None]] = []
+        for i, current in zip(indices, currents, strict=True):
+            r = reports[i]
+            try:
+                if r.target not in fsm.states:
+                    raise UnknownState(
+                        f"{r.target!r} is not a state of the {entity_type} machine; "
+                        f"valid states: {', '.join(fsm.states)}",
+                        valid=list(fsm.states),
+                    )
+                at = None if r.reported_at is None else normalise_time(r.reported_at)
+                seed = None
+                if current is None:
+                    if r.create is None:
+                        raise UnknownEntity(entity_type, r.entity_id)
+                    seed = current = r.create
+            except OpsCoreError as exc:
+                results[i] = exc
+                continue
+            details = r.details or {}
+            decision = _decide_report(fsm, entity_type, r.entity_id, r.target, at, details, current, now)
+            change = self._change(ctx, current, seed, decision, details, at)
+            todo.append((i, current, at, details, change, decision[3]))
+        if not todo:
+            return
+        committed = await self.store.apply_many([t[4] for t in todo])
+        for (i, current, at, details, change, err), outcome in zip(todo, committed, strict=True):
+            r = reports[i]
+            try:
+                if isinstance(outcome, RevisionConflict):  # another replica moved it: the single-report way
+                    target = r.target
+
+                    async def decide(
+                        entity: Entity, now: str, target: str = target, at: str | None = at, details: Any = details
+                    ) -> Decision:
+                        return _decide_report(fsm, entity_type, entity.entity_id, target, at, details, entity, now)
+
+                    results[i] = await self._attempt(entity_type, r.entity_id, ctx, decide, details, at, r.create)
+                elif isinstance(outcome, Exception):
+                    raise outcome
+                else:
+                    results[i] = self._conclude(current, change, outcome, err)
+            except OpsCoreError as exc:
+                results[i] = exc
 
     async def fire(
         self,
@@ -560,44 +648,64 @@ class Engine:
                 )
             else:
                 change, trigger, dest, err = await decide(current, now)
-            record = audit.draft(
-                entity_type=entity_type,
-                entity_id=entity_id,
-                event=trigger,
-                source=current.state,
-                dest=dest,
-                outcome="applied" if err is None else "rejected",
-                reason=None if err is None else err.code,
-                actor=ctx.actor,
-                request_id=ctx.request_id,
-                details=details,
-                reported_at=reported_at,
-            )
-            applied = err is None and change.state is not None
-            heartbeat = err is None and change.state is None
-            change = _finish(change, seed, current.revision if applied else None, None if heartbeat else record)
-            if ctx.idempotency is not None:
-                change = replace(change, idempotency=self._answer(ctx.idempotency, current, change, err))
+            change = self._change(ctx, current, seed, (change, trigger, dest, err), details, reported_at)
             try:
                 committed = await self.store.apply(change)
             except RevisionConflict as exc:
                 if ctx.if_match is not None:
                     raise PreconditionFailed(exc.detail, revision=exc.extra.get("revision")) from exc
                 continue
-            self._emit(committed)
-            if err is not None:
-                assert committed.record is not None
-                err.extra["auditId"] = committed.record["id"]
-                raise err
-            return TransitionResult(
-                entity=committed.entity,
-                previous_state=current.state,
-                changed=applied,
-                record=committed.record,
-                created=committed.created,
-            )
+            return self._conclude(current, change, committed, err)
         raise Conflict(
             f"{entity_type} {entity_id!r} kept changing under this request; try again", code="revision_conflict"
+        )
+
+    def _change(
+        self,
+        ctx: Context,
+        current: Entity,
+        seed: Entity | None,
+        decision: Decision,
+        details: dict[str, Any],
+        reported_at: str | None,
+    ) -> Change:
+        """The decided change with its audit record draft, ready for the store."""
+        change, trigger, dest, err = decision
+        record = audit.draft(
+            entity_type=change.entity_type,
+            entity_id=change.entity_id,
+            event=trigger,
+            source=current.state,
+            dest=dest,
+            outcome="applied" if err is None else "rejected",
+            reason=None if err is None else err.code,
+            actor=ctx.actor,
+            request_id=ctx.request_id,
+            details=details,
+            reported_at=reported_at,
+        )
+        applied = err is None and change.state is not None
+        heartbeat = err is None and change.state is None
+        change = _finish(change, seed, current.revision if applied else None, None if heartbeat else record)
+        if ctx.idempotency is not None:
+            change = replace(change, idempotency=self._answer(ctx.idempotency, current, change, err))
+        return change
+
+    def _conclude(
+        self, current: Entity, change: Change, committed: Committed, err: OpsCoreError | None
+    ) -> TransitionResult:
+        """Log the committed change; the refusal raised (with its audit id), or the result."""
+        self._emit(committed)
+        if err is not None:
+            assert committed.record is not None
+            err.extra["auditId"] = committed.record["id"]
+            raise err
+        return TransitionResult(
+            entity=committed.entity,
+            previous_state=current.state,
+            changed=change.expected_revision is not None,
+            record=committed.record,
+            created=committed.created,
         )
 
     @staticmethod

@@ -120,6 +120,10 @@ class Store(abc.ABC):
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
         """The entity as last committed, or ``None``."""
 
+    async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
+        """:meth:`get` for several entities at once, in the order asked."""
+        return [await self.get(entity_type, entity_id) for entity_id in entity_ids]
+
     @abc.abstractmethod
     async def apply(self, change: Change) -> Committed:
         """Commit one change atomically (entity, audit record, idempotency answer) or raise."""
