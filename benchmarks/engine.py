@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--url", default="", help="postgresql: the database URL (default OPSCORE_TEST_DATABASE_URL)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="opscore-engine-"))
     if args.backend == "sqlite":
@@ -82,7 +83,7 @@ def main() -> None:
     elif args.backend == "memory":
         url = "memory://"
     else:
-        url = os.environ["OPSCORE_TEST_DATABASE_URL"]
+        url = args.url or os.environ["OPSCORE_TEST_DATABASE_URL"]
     log = open(tmp / "log.jsonl", "w")  # noqa: SIM115 - the process's stdout for its lifetime
     real_stderr = sys.stderr
     sys.stdout = log

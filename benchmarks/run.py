@@ -9,12 +9,15 @@ repeats; this is a shared 2-core machine, so read them with the load average pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PY = "python"
 
 
-def engine(backend: str, **kw: int) -> dict[str, Any]:
+def engine(backend: str, **kw: int | str) -> dict[str, Any]:
     args = [f"--{k}={v}" for k, v in kw.items()]
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.engine", backend, *args],
@@ -38,13 +41,29 @@ def engine(backend: str, **kw: int) -> dict[str, Any]:
     return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
 
 
+@contextlib.contextmanager
+def pg_schema(base: str) -> Iterator[str]:
+    """A fresh schema in ``base`` for one scenario (dropped afterwards); its URL."""
+    import psycopg
+    from psycopg import sql
+
+    schema = f"opscore_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
 def postgres_available() -> str | None:
     """Why the PostgreSQL variants are skipped, or ``None`` when they can run."""
     url = os.environ.get("OPSCORE_TEST_DATABASE_URL", "")
     if not url:
         return "OPSCORE_TEST_DATABASE_URL is not set"
     try:
-        import opscore.storage.postgres  # type: ignore[import-not-found]  # noqa: F401
+        import opscore.storage.postgres  # noqa: F401
     except ImportError:
         return "this branch has no PostgreSQL store (opscore/storage/postgres.py) yet"
     return None
@@ -197,21 +216,28 @@ def main() -> None:
             row("postgres", "http-state / engine", "skipped", "", None, f"{cmd}  ({why})")
             print(f"postgres variants skipped: {why}", file=sys.stderr)
         else:
-            url = os.environ["OPSCORE_TEST_DATABASE_URL"]
-            r = http.http_state(rounds=rounds, seconds=seconds, database_url=url)
+            base = os.environ["OPSCORE_TEST_DATABASE_URL"]
+            with pg_schema(base) as url:
+                r = http.http_state(rounds=rounds, seconds=seconds, database_url=url)
             details["postgres-http-state"] = r
+            row("postgres", "http-state ours req/s", round(r["ours_rps"]), "", None, cmd)
+            row("postgres", "http-state ceiling req/s", round(r["ceiling_rps"]), "", None, cmd)
             row("postgres", "http-state ratio ours/ceiling", round(r["ratio"], 2), "", None, cmd)
             row(
                 "postgres",
-                "http-state ours req/s, p99 ms",
-                f"{r['ours_rps']:.0f}, {r['ours_p99_ms']:.1f}",
+                "http-state ours p50 / p99 ms",
+                f"{r['ours_p50_ms']:.1f} / {r['ours_p99_ms']:.1f}",
                 "",
                 None,
                 cmd,
             )
-            e = engine("postgresql")
+            row("postgres", "http-state errors (ours)", r["ours_errors"], "0", r["ours_errors"] == 0, cmd)
+            with pg_schema(base) as url:
+                e = engine("postgresql", url=url)
             details["postgres-engine"] = e
-            row("postgres", "engine transitions/s", round(e["per_s"]), "", None, cmd)
+            ecmd = "OPSCORE_TEST_DATABASE_URL=postgresql://... python -m benchmarks.engine postgresql"
+            row("postgres", "engine transitions/s", round(e["per_s"]), "", None, ecmd)
+            row("postgres", "engine CPU us/transition", round(e["cpu_us_per_transition"], 1), "", None, ecmd)
 
     machine = {
         "nproc": os.cpu_count(),

@@ -55,10 +55,20 @@ class JsonLines(JsonFormatter):
             + '","logger":"'
             + record.name
             + '","message":'
-            + json.dumps(record.getMessage(), ensure_ascii=False)
+            + self._message(record.getMessage())
             + ","
             + text[1:]
         )
+
+    def _message(self, message: str) -> str:
+        """The message as JSON; the few fixed messages ("transition") encoded once (1 µs each)."""
+        cache = self.__dict__.setdefault("_messages", {})
+        encoded: str | None = cache.get(message)
+        if encoded is None:
+            encoded = json.dumps(message, ensure_ascii=False)
+            if len(cache) < 256:
+                cache[message] = encoded
+        return encoded
 
     def _time(self, record: logging.LogRecord) -> str:
         """``formatTime`` (``2026-01-01 10:00:00,123``) with the per-second part computed once."""

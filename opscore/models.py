@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from opscore.fastcopy import fast_init
 
+
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Entity:
     """One machine instance as stored: an agent, a workflow run or a task.
@@ -66,6 +69,7 @@ class Timer:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Change:
     """Everything one request changes, applied by a store in ONE atomic write.
@@ -100,6 +104,7 @@ class Change:
     cancel_timers: tuple[str, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Committed:
     """What a store answers for a committed :class:`Change`."""
@@ -109,6 +114,7 @@ class Committed:
     created: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TransitionResult:
     """The engine's answer to a state report or a trigger request."""

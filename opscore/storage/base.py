@@ -16,12 +16,27 @@ from typing import Any
 
 from opscore import audit
 from opscore.errors import RevisionConflict, UnknownEntity
+from opscore.fastcopy import replacer
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 
 
 def utc_now() -> str:
     """Now, as the fixed-width UTC ISO-8601 text every stored timestamp uses."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+_moved = replacer(
+    Entity,
+    "state",
+    "revision",
+    "seq",
+    "head_hash",
+    "data",
+    "updated_at",
+    "last_seen_at",
+    "last_report_at",
+    "last_details",
+)
 
 
 def later(a: str | None, b: str | None) -> str | None:
@@ -74,17 +89,17 @@ def next_entity(
     if change.state is not None:
         state, revision = change.state, revision + 1
     data = current.data if change.data is None else {**current.data, **change.data}
-    new = replace(
+    new = _moved(
         current,
-        state=state,
-        revision=revision,
-        seq=seq,
-        head_hash=head,
-        data=data,
-        updated_at=now if (record is not None or change.data is not None or created) else current.updated_at,
-        last_seen_at=later(current.last_seen_at, change.seen_at),
-        last_report_at=later(current.last_report_at, change.report_at),
-        last_details=change.details if change.details is not None else current.last_details,
+        state,
+        revision,
+        seq,
+        head,
+        data,
+        now if (record is not None or change.data is not None or created) else current.updated_at,
+        later(current.last_seen_at, change.seen_at),
+        later(current.last_report_at, change.report_at),
+        change.details if change.details is not None else current.last_details,
     )
     return new, record, created
 
@@ -114,6 +129,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
         """The entity as last committed, or ``None``."""
+
+    async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
+        """:meth:`get` for several entities at once, in the order asked."""
+        return [await self.get(entity_type, entity_id) for entity_id in entity_ids]
 
     @abc.abstractmethod
     async def apply(self, change: Change) -> Committed:

@@ -48,6 +48,9 @@ class MemoryStore(Store):
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
         return self.entities.get((entity_type, entity_id))
 
+    async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
+        return [self.entities.get((entity_type, entity_id)) for entity_id in entity_ids]
+
     async def apply(self, change: Change) -> Committed:
         key = (change.entity_type, change.entity_id)
         if change.idempotency is not None:

@@ -374,7 +374,7 @@ class SQLiteStore(Store):
         assert conn is not None and self._loop is not None
         staged: dict[tuple[str, str], Entity | None] = {}
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        writes = any(job[2] or isinstance(job[0], _PlainChange) for job in batch)
+        writes = any(job[2] or isinstance(job[0], (_PlainChange, _PlainMany)) for job in batch)
         first_id = self._next_id
         deferred = self._deferred
         try:
@@ -496,6 +496,22 @@ class SQLiteStore(Store):
             return None if row is None else _entity_from_row(row)
         return await self._submit(lambda conn, staged: self._load(conn, staged, key), writes=False)  # type: ignore[no-any-return]
 
+    async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
+        """From the cache; the ones it lacks are read by ONE writer job (one hop, not one each)."""
+        cache = self._cache
+        found = [cache.get((entity_type, entity_id), _MISSING) for entity_id in entity_ids]
+        missing = [(entity_type, entity_ids[n]) for n, e in enumerate(found) if e is _MISSING]
+        if missing:
+            if self.readonly:
+                loaded = [await self.get(*key) for key in missing]
+            else:
+                loaded = await self._submit(
+                    lambda conn, staged: [self._load(conn, staged, key) for key in missing], writes=False
+                )
+            fill = iter(loaded)
+            found = [next(fill) if e is _MISSING else e for e in found]
+        return found  # type: ignore[return-value]
+
     def _job(self, change: Change) -> tuple[Callable[..., Committed], bool]:
         """The writer's job for ``change`` and whether it needs a SAVEPOINT (not when plain)."""
         if change.idempotency is None and not change.timers and not change.cancel_timers:
@@ -507,14 +523,36 @@ class SQLiteStore(Store):
         return await self._submit(fn, writes=savepoint)  # type: ignore[no-any-return]
 
     async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
-        futures = [self._submit(fn, writes=savepoint) for fn, savepoint in map(self._job, changes)]
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        out: list[Committed | Exception] = []
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, Exception):
-                raise r
-            out.append(r)
-        return out
+        """Plain changes go as ONE job with one future (:class:`_PlainMany`); the rest one job each.
+
+        All of them reach the writer together, so they share its group commit, and every
+        future resolves after that COMMIT, as for :meth:`apply`.
+        """
+        out: list[Committed | Exception | None] = [None] * len(changes)
+        plain: list[int] = []
+        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        for n, change in enumerate(changes):
+            fn, savepoint = self._job(change)
+            if savepoint:
+                futures.append((n, self._submit(fn, writes=True)))
+            else:
+                plain.append(n)
+        together = (
+            self._submit(_PlainMany(self._apply_sync, [changes[n] for n in plain]), writes=False) if plain else None
+        )
+        for n, future in futures:
+            try:
+                out[n] = await future
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller of this change
+                out[n] = exc
+        if together is not None:
+            try:
+                answers: list[Committed | Exception] = await together
+            except Exception as exc:  # noqa: BLE001 - the batch's COMMIT failed: every change failed
+                answers = [exc] * len(plain)
+            for n, answer in zip(plain, answers, strict=True):
+                out[n] = answer
+        return out  # type: ignore[return-value]
 
     async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:
         def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> bool:
@@ -730,6 +768,31 @@ class _PlainChange:
 
     def __call__(self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> Committed:
         return self.apply(conn, staged, self.change)
+
+
+class _PlainMany:
+    """Plain changes of one :meth:`SQLiteStore.apply_many`: one job, one future, one answer each.
+
+    Like :class:`_PlainChange`, each change raises before changing anything or succeeds, so
+    a refused one is answered in its place and the others go on, with no SAVEPOINT.
+    """
+
+    __slots__ = ("apply", "changes")
+
+    def __init__(self, apply: Callable[..., Committed], changes: list[Change]) -> None:
+        self.apply = apply
+        self.changes = changes
+
+    def __call__(
+        self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]
+    ) -> list[Committed | Exception]:
+        out: list[Committed | Exception] = []
+        for change in self.changes:
+            try:
+                out.append(self.apply(conn, staged, change))
+            except Exception as exc:  # noqa: BLE001 - this change's answer
+                out.append(exc)
+        return out
 
 
 def _deliver(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
