@@ -357,7 +357,8 @@ class Engine:
         self.fsms = {name: Fsm(decl) for name, decl in (machines or MACHINES).items()}
         self._entity_locks = _KeyedLocks()
         self._key_locks = _KeyedLocks()
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.listeners: list[Callable[[dict[str, Any], Entity], None]] = []
+        """Called with every committed record and the entity as that commit left it."""
 
     def fsm(self, entity_type: str) -> Fsm:
         return self.fsms[entity_type]
@@ -766,4 +767,4 @@ class Engine:
         if audit_log.isEnabledFor(logging.INFO):
             audit_log.handle(_log_record(record))
         for listener in self.listeners:
-            listener(record)
+            listener(record, committed.entity)

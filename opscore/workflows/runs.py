@@ -667,12 +667,20 @@ class Runs:
 
     # -- reactions: agent reports ---------------------------------------------------------------
 
-    def listener(self, record: dict[str, Any]) -> None:
-        """Engine listener: every committed record; agent transitions are handled in order."""
+    def listener(self, record: dict[str, Any], entity: Entity) -> None:
+        """Engine listener: every committed record; agent transitions are handled in order.
+
+        An agent that has never been claimed for a task (no ``opscoreTask`` in the entity
+        this very commit left) cannot be holding one, so nothing is spawned for it: most
+        reports of a fleet are about agents outside any workflow. A claim is committed
+        before its dispatch, and so before any report the dispatch can cause.
+        """
         if record.get("entityType") != AGENT or record.get("outcome") != "applied":
             return
         if record.get("dest") == "idle":
             self.agent_available.set()
+        if entity.data.get("opscoreTask") is None:
+            return
         self.spawn(self._on_agent(record))
 
     async def _on_agent(self, record: dict[str, Any]) -> None:

@@ -264,16 +264,20 @@ def test_revision_equals_applied_records_and_the_chain_verifies(run_engine: Runn
     run_engine(scenario)
 
 
-def test_listeners_see_every_committed_record(run_engine: Runner) -> None:
+def test_listeners_see_every_committed_record_and_its_entity(run_engine: Runner) -> None:
     async def scenario(engine: Engine) -> None:
-        seen: list[dict[str, Any]] = []
-        engine.listeners.append(seen.append)
+        seen: list[tuple[dict[str, Any], Entity]] = []
+        engine.listeners.append(lambda record, entity: seen.append((record, entity)))
         await report(engine, "idle", 0)
         await report(engine, "idle", 1)
         with pytest.raises(IllegalTransition):
             await report(engine, "registered", 2)
-        assert [r["outcome"] for r in seen] == ["applied", "rejected"]
-        assert seen == await records(engine)
+        assert [r["outcome"] for r, _ in seen] == ["applied", "rejected"]
+        assert [r for r, _ in seen] == await records(engine)
+        assert [(e.state, e.seq, e.head_hash) for _, e in seen] == [
+            ("idle", 1, seen[0][0]["hash"]),
+            ("idle", 2, seen[1][0]["hash"]),
+        ]
 
     run_engine(scenario)
 

@@ -214,3 +214,19 @@ def test_a_lost_timer_race_is_harmless(monkeypatch: Any) -> None:
         assert (await one.engine.get("task", eid)).data["failures"] == 1
 
     play(scenario)
+
+
+def test_the_listener_spawns_work_only_for_agents_that_were_ever_claimed() -> None:
+    """Reports of agents outside every workflow cost the run logic nothing (no task spawned)."""
+
+    async def scenario() -> None:
+        runs = Runs(Engine(MemoryStore()), RecordingAgentKit(), default_timeout=60)
+        record = {"entityType": "agent", "entityId": "a", "outcome": "applied", "source": "idle", "dest": "active"}
+        runs.listener(record, Entity("agent", "a", "active"))
+        assert not runs._background
+        claimed = Entity("agent", "a", "active", data={"opscoreTask": "s:t", "opscoreAttempt": 1})
+        runs.listener(record, claimed)
+        assert len(runs._background) == 1
+        await runs.drain()
+
+    asyncio.run(scenario())
