@@ -55,6 +55,7 @@ from opscore import audit
 from opscore.errors import Conflict, Invalid, RevisionConflict, StorageError, Unavailable, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+from opscore.storage.rows import ENTITY_COLUMNS, TIMER_COLUMNS, dumps, entity_from_row, entity_values, timer_from_row
 
 SCHEMA_VERSION = 1
 
@@ -138,11 +139,7 @@ VERIFY_CHUNK = 5000
 # name hashed into the second, so replicas of one deployment queue and other schemas don't.
 _MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(1869640563, hashtext(current_schema()))"
 
-_ENTITY_COLUMNS = (
-    "entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, "
-    "last_seen_at, last_report_at, last_details"
-)
-_SELECT_ENTITY = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = %s"
+_SELECT_ENTITY = f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = %s"
 # The row lock, then (only when the change writes a record) the record id and the time: the
 # outer SELECT is evaluated on rows the MATERIALIZED CTE has already locked, so a chain's ids
 # and recordedAt grow with its seq even when replicas race. One round trip for all three.
@@ -151,7 +148,7 @@ _LOCK_ENTITY = (
     "SELECT locked.*, CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp() FROM locked"
 )
 _INSERT_ENTITY = (
-    f"INSERT INTO entities ({_ENTITY_COLUMNS}, capabilities) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    f"INSERT INTO entities ({ENTITY_COLUMNS}, capabilities) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
     "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING 1"
 )
 _UPDATE_ENTITY = (
@@ -163,8 +160,7 @@ _INSERT_AUDIT = (
 )
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
 _NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp()"
-_TIMER_COLUMNS = "key, due_at, kind, entity_type, entity_id, payload"
-_CLAIMED_COLUMNS = ", ".join("t." + c for c in _TIMER_COLUMNS.split(", "))
+_CLAIMED_COLUMNS = ", ".join("t." + c for c in TIMER_COLUMNS.split(", "))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -180,10 +176,6 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 def _capabilities(data: dict[str, Any]) -> list[str]:
     """What ``capability`` filters match: the strings of ``data["capabilities"]``."""
     caps = data.get("capabilities")
@@ -192,27 +184,6 @@ def _capabilities(data: dict[str, Any]) -> list[str]:
     if isinstance(caps, list):
         return [c for c in caps if isinstance(c, str)]
     return []
-
-
-def _entity_from_row(row: tuple[Any, ...]) -> Entity:
-    return Entity(
-        entity_type=row[0],
-        entity_id=row[1],
-        state=row[2],
-        revision=row[3],
-        seq=row[4],
-        head_hash=row[5],
-        data=json.loads(row[6]),
-        created_at=row[7],
-        updated_at=row[8],
-        last_seen_at=row[9],
-        last_report_at=row[10],
-        last_details=json.loads(row[11]),
-    )
-
-
-def _timer_from_row(row: tuple[Any, ...]) -> Timer:
-    return Timer(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
 
 
 def _utc_text(moment: datetime) -> str:
@@ -226,21 +197,7 @@ def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
 
 
 def _entity_params(e: Entity) -> tuple[Any, ...]:
-    return (
-        e.entity_type,
-        e.entity_id,
-        e.state,
-        e.revision,
-        e.seq,
-        e.head_hash,
-        _dumps(e.data),
-        e.created_at,
-        e.updated_at,
-        e.last_seen_at,
-        e.last_report_at,
-        _dumps(e.last_details),
-        _capabilities(e.data),
-    )
+    return (*entity_values(e), _capabilities(e.data))
 
 
 _WRITES: dict[tuple[bool, bool, bool], str] = {}
@@ -266,22 +223,22 @@ def _write(
             record["seq"],
             record["outcome"],
             record["recordedAt"],
-            _dumps(record),
+            dumps(record),
         ]
     if idempotency is not None:
         entry = stored_answer(idempotency, record)
-        params += [entry.scope, entry.key, entry.fingerprint, entry.status, _dumps(entry.body)]
+        params += [entry.scope, entry.key, entry.fingerprint, entry.status, dumps(entry.body)]
     if entity is not None:
         params += [
             entity.state,
             entity.revision,
             entity.seq,
             entity.head_hash,
-            _dumps(entity.data),
+            dumps(entity.data),
             entity.updated_at,
             entity.last_seen_at,
             entity.last_report_at,
-            _dumps(entity.last_details),
+            dumps(entity.last_details),
             _capabilities(entity.data),
             entity.entity_type,
             entity.entity_id,
@@ -425,7 +382,7 @@ class PostgresStore(Store):
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
         async with self._connection() as conn:
             row = await (await conn.execute(_SELECT_ENTITY, (entity_type, entity_id))).fetchone()
-        return None if row is None else _entity_from_row(row)
+        return None if row is None else entity_from_row(row)
 
     async def apply(self, change: Change) -> Committed:
         """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT."""
@@ -451,7 +408,7 @@ class PostgresStore(Store):
                 assert ids is not None
                 current, (record_id, clock) = None, ids
             else:
-                current, record_id, clock = _entity_from_row(row), row[-2], row[-1]
+                current, record_id, clock = entity_from_row(row), row[-2], row[-1]
             now = _utc_text(clock)
             new, record, created = next_entity(current, change, now=now, record_id=record_id)
             if not created:
@@ -469,16 +426,16 @@ class PostgresStore(Store):
             await conn.execute("DELETE FROM timers WHERE key = ANY(%s)", (list(change.cancel_timers),))
         for t in change.timers:
             await conn.execute(
-                f"INSERT INTO timers ({_TIMER_COLUMNS}, lease_until) VALUES (%s,%s,%s,%s,%s,%s,'-infinity') "
+                f"INSERT INTO timers ({TIMER_COLUMNS}, lease_until) VALUES (%s,%s,%s,%s,%s,%s,'-infinity') "
                 "ON CONFLICT (key) DO UPDATE SET due_at=excluded.due_at, kind=excluded.kind, "
                 "entity_type=excluded.entity_type, entity_id=excluded.entity_id, payload=excluded.payload, "
                 "lease_until=excluded.lease_until",
-                (t.key, t.due_at, t.kind, t.entity_type, t.entity_id, _dumps(t.payload)),
+                (t.key, t.due_at, t.kind, t.entity_type, t.entity_id, dumps(t.payload)),
             )
         return Committed(new, record, created)
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
-        sql = [f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = %s"]
+        sql = [f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s"]
         params: list[Any] = [query.entity_type]
         if query.state is not None:
             sql.append("AND state = %s")
@@ -499,7 +456,7 @@ class PostgresStore(Store):
         params.append(query.limit)
         async with self._connection() as conn:
             rows = await (await conn.execute(" ".join(sql), params)).fetchall()
-        return [_entity_from_row(r) for r in rows]
+        return [entity_from_row(r) for r in rows]
 
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         sql = ["SELECT body FROM audit WHERE TRUE"]
@@ -637,14 +594,14 @@ class PostgresStore(Store):
                     (now, limit, lease_seconds),
                 )
             ).fetchall()
-        return sorted((_timer_from_row(r) for r in rows), key=lambda t: (t.due_at, t.key))
+        return sorted((timer_from_row(r) for r in rows), key=lambda t: (t.due_at, t.key))
 
     async def finish_timer(self, key: str) -> None:
         async with self._connection() as conn:
             await conn.execute("DELETE FROM timers WHERE key = %s", (key,))
 
     async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
-        sql = [f"SELECT {_TIMER_COLUMNS} FROM timers WHERE TRUE"]
+        sql = [f"SELECT {TIMER_COLUMNS} FROM timers WHERE TRUE"]
         params: list[Any] = []
         if entity_type is not None:
             sql.append("AND entity_type = %s")
@@ -655,4 +612,4 @@ class PostgresStore(Store):
         sql.append("ORDER BY due_at, key")
         async with self._connection() as conn:
             rows = await (await conn.execute(" ".join(sql), params)).fetchall()
-        return [_timer_from_row(r) for r in rows]
+        return [timer_from_row(r) for r in rows]

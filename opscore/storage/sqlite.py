@@ -32,6 +32,7 @@ from opscore import audit
 from opscore.errors import Conflict, OpsCoreError, StorageError, Unavailable
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+from opscore.storage.rows import ENTITY_COLUMNS, TIMER_COLUMNS, entity_from_row, entity_values, timer_from_row
 
 SCHEMA_VERSION = 1
 
@@ -103,11 +104,6 @@ IDEMPOTENCY_TTL = 48 * 3600.0
 WRITER_CACHE_KIB = 64 * 1024
 _MISSING = object()
 
-_ENTITY_COLUMNS = (
-    "entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, "
-    "last_seen_at, last_report_at, last_details"
-)
-
 
 def path_from_url(url: str) -> str:
     """``sqlite:///./x.db`` → ``./x.db``; ``sqlite:////abs/x.db`` → ``/abs/x.db``."""
@@ -117,49 +113,11 @@ def path_from_url(url: str) -> str:
     return rest[1:] if rest.startswith("/") else rest
 
 
-def _entity_from_row(row: tuple[Any, ...]) -> Entity:
-    return Entity(
-        entity_type=row[0],
-        entity_id=row[1],
-        state=row[2],
-        revision=row[3],
-        seq=row[4],
-        head_hash=row[5],
-        data=json.loads(row[6]),
-        created_at=row[7],
-        updated_at=row[8],
-        last_seen_at=row[9],
-        last_report_at=row[10],
-        last_details=json.loads(row[11]),
-    )
-
-
-def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False) if value else "{}"
-
-
-def _entity_params(e: Entity) -> tuple[Any, ...]:
-    return (
-        e.entity_type,
-        e.entity_id,
-        e.state,
-        e.revision,
-        e.seq,
-        e.head_hash,
-        _dumps(e.data),
-        e.created_at,
-        e.updated_at,
-        e.last_seen_at,
-        e.last_report_at,
-        _dumps(e.last_details),
-    )
-
-
-_SELECT_ENTITY = f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = ? AND entity_id = ?"
+_SELECT_ENTITY = f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ? AND entity_id = ?"
 _INSERT_AUDIT = "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (?,?,?,?,?,?,?)"
 _INSERT_AUDIT_HEAD = "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body)"
 
-_UPSERT_HEAD = f"INSERT INTO entities ({_ENTITY_COLUMNS})"
+_UPSERT_HEAD = f"INSERT INTO entities ({ENTITY_COLUMNS})"
 _UPSERT_TAIL = (
     "ON CONFLICT (entity_type, entity_id) DO UPDATE SET state=excluded.state, revision=excluded.revision, "
     "seq=excluded.seq, head_hash=excluded.head_hash, data=excluded.data, updated_at=excluded.updated_at, "
@@ -422,10 +380,8 @@ class SQLiteStore(Store):
             return staged[key]
         if key in self._cache:
             return self._cache[key]
-        row = conn.execute(
-            f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type=? AND entity_id=?", key
-        ).fetchone()
-        entity = None if row is None else _entity_from_row(row)
+        row = conn.execute(f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type=? AND entity_id=?", key).fetchone()
+        entity = None if row is None else entity_from_row(row)
         staged[key] = entity
         return entity
 
@@ -453,9 +409,9 @@ class SQLiteStore(Store):
             else:
                 conn.execute(_INSERT_AUDIT, row)
         if plain:
-            deferred.entities[key] = _entity_params(new)
+            deferred.entities[key] = entity_values(new)
         else:
-            conn.execute(_UPSERT, _entity_params(new))
+            conn.execute(_UPSERT, entity_values(new))
         if change.idempotency is not None:
             entry = stored_answer(change.idempotency, record)
             try:
@@ -493,7 +449,7 @@ class SQLiteStore(Store):
             return cached  # type: ignore[return-value]
         if self.readonly:
             row = await self._read(lambda c: c.execute(_SELECT_ENTITY, key).fetchone())
-            return None if row is None else _entity_from_row(row)
+            return None if row is None else entity_from_row(row)
         return await self._submit(lambda conn, staged: self._load(conn, staged, key), writes=False)  # type: ignore[no-any-return]
 
     async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
@@ -599,7 +555,7 @@ class SQLiteStore(Store):
         return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
-        sql = [f"SELECT {_ENTITY_COLUMNS} FROM entities WHERE entity_type = ?"]
+        sql = [f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ?"]
         params: list[Any] = [query.entity_type]
         if query.state is not None:
             sql.append("AND state = ?")
@@ -619,7 +575,7 @@ class SQLiteStore(Store):
         sql.append("ORDER BY entity_id LIMIT ?")
         params.append(query.limit)
         rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
-        return [_entity_from_row(r) for r in rows]
+        return [entity_from_row(r) for r in rows]
 
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         sql = ["SELECT body FROM audit WHERE 1=1"]
@@ -718,13 +674,13 @@ class SQLiteStore(Store):
         def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> list[Timer]:
             clock = time.time()
             rows = conn.execute(
-                f"SELECT {_TIMER_COLUMNS} FROM timers WHERE due_at <= ? AND lease_until <= ? ORDER BY due_at LIMIT ?",
+                f"SELECT {TIMER_COLUMNS} FROM timers WHERE due_at <= ? AND lease_until <= ? ORDER BY due_at LIMIT ?",
                 (now, clock, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE timers SET lease_until = ? WHERE key = ?", [(clock + lease_seconds, r[0]) for r in rows]
             )
-            return [_timer_from_row(r) for r in rows]
+            return [timer_from_row(r) for r in rows]
 
         return await self._submit(job, writes=True)  # type: ignore[no-any-return]
 
@@ -732,7 +688,7 @@ class SQLiteStore(Store):
         await self._submit(lambda conn, staged: conn.execute("DELETE FROM timers WHERE key = ?", (key,)), writes=True)
 
     async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
-        sql = [f"SELECT {_TIMER_COLUMNS} FROM timers WHERE 1=1"]
+        sql = [f"SELECT {TIMER_COLUMNS} FROM timers WHERE 1=1"]
         params: list[Any] = []
         if entity_type is not None:
             sql.append("AND entity_type = ?")
@@ -742,16 +698,11 @@ class SQLiteStore(Store):
             params.append(entity_id)
         sql.append("ORDER BY due_at")
         rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
-        return [_timer_from_row(r) for r in rows]
+        return [timer_from_row(r) for r in rows]
 
 
 _LATEST_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ? ORDER BY n DESC LIMIT 1"
 _ONE_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ? AND version = ?"
-_TIMER_COLUMNS = "key, due_at, kind, entity_type, entity_id, payload"
-
-
-def _timer_from_row(row: tuple[Any, ...]) -> Timer:
-    return Timer(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
 
 
 class _PlainChange:
