@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from opscore.api.deps import CallerDep, StoreDep, decode_cursor, encode_cursor
 from opscore.api.schemas import AuditPage, ErrorBody, VerifyAnswer
@@ -26,21 +27,43 @@ Outcome = Annotated[Literal["applied", "rejected"] | None, Query(description="on
 Order = Annotated[Literal["asc", "desc"], Query(description="oldest first (asc) or newest first (desc)")]
 
 
+@dataclass(frozen=True, slots=True)
+class AuditFilters:
+    """The query parameters every audit listing takes (one agent, everyone, one run)."""
+
+    limit: int
+    cursor: str | None
+    since: datetime | None
+    until: datetime | None
+    outcome: str | None
+    order: str
+
+
+async def audit_filters(
+    limit: Limit = 100,
+    cursor: Cursor = None,
+    since: Since = None,
+    until: Until = None,
+    outcome: Outcome = None,
+    order: Order = "asc",
+) -> AuditFilters:
+    return AuditFilters(limit, cursor, since, until, outcome, order)
+
+
+AuditFiltersDep = Annotated[AuditFilters, Depends(audit_filters)]
+
+
 async def audit_page(
     store: Store,
+    filters: AuditFilters,
     *,
-    limit: int,
-    cursor: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    outcome: str | None,
-    order: str,
     entity_type: str | None = None,
     entity_id: str | None = None,
     entity_ids: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """One page of records and the cursor of the next (``None`` on the last page)."""
-    after = decode_cursor(cursor, order)
+    limit, order, since, until = filters.limit, filters.order, filters.since, filters.until
+    after = decode_cursor(filters.cursor, order)
     # bool is an int, and an int past 2**63 makes sqlite3/psycopg raise OverflowError (a 500)
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
         raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
@@ -48,7 +71,7 @@ async def audit_page(
         entity_type=entity_type,
         entity_id=entity_id,
         entity_ids=entity_ids,
-        outcome=outcome,
+        outcome=filters.outcome,
         since=None if since is None else normalise_time(since),
         until=None if until is None else normalise_time(until),
         descending=order == "desc",
@@ -66,24 +89,14 @@ async def agent_audit(
     agent_id: Annotated[str, Path(min_length=1, max_length=256)],
     store: StoreDep,
     actor: CallerDep,
-    limit: Limit = 100,
-    cursor: Cursor = None,
-    since: Since = None,
-    until: Until = None,
-    outcome: Outcome = None,
-    order: Order = "asc",
+    filters: AuditFiltersDep,
 ) -> dict[str, Any]:
     """Applied and refused transitions of one agent, in `seq` order (or reversed)."""
     if await store.get("agent", agent_id) is None:
         raise UnknownEntity("agent", agent_id)
     return await audit_page(
         store,
-        limit=limit,
-        cursor=cursor,
-        since=since,
-        until=until,
-        outcome=outcome,
-        order=order,
+        filters,
         entity_type="agent",
         entity_id=agent_id,
     )
@@ -93,23 +106,13 @@ async def agent_audit(
 async def all_audit(
     store: StoreDep,
     actor: CallerDep,
-    limit: Limit = 100,
-    cursor: Cursor = None,
-    since: Since = None,
-    until: Until = None,
-    outcome: Outcome = None,
-    order: Order = "asc",
+    filters: AuditFiltersDep,
     entityType: Annotated[str | None, Query(description="agent, workflow or task")] = None,  # noqa: N803
 ) -> dict[str, Any]:
     """Every record in `id` order (global), with the same filters as an agent's audit."""
     return await audit_page(
         store,
-        limit=limit,
-        cursor=cursor,
-        since=since,
-        until=until,
-        outcome=outcome,
-        order=order,
+        filters,
         entity_type=entityType,
     )
 

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
-from opscore.api.routes.audit import Cursor, Limit, Order, Outcome, Since, Until, audit_page
+from opscore.api.routes.audit import AuditFiltersDep, audit_page
 from opscore.api.schemas import AuditPage, ErrorBody
 from opscore.engine import Context
 from opscore.errors import Invalid, UnknownEntity
@@ -245,27 +245,13 @@ async def run_audit(
     session_id: SessionId,
     store: StoreDep,
     actor: CallerDep,
-    limit: Limit = 100,
-    cursor: Cursor = None,
-    since: Since = None,
-    until: Until = None,
-    outcome: Outcome = None,
-    order: Order = "asc",
+    filters: AuditFiltersDep,
 ) -> dict[str, Any]:
     """The run's records and its tasks' records, interleaved in `id` order."""
     run = await store.get(WORKFLOW, session_id)
     if run is None:
         raise UnknownEntity(WORKFLOW, session_id)
     ids = (session_id, *(task_entity_id(session_id, t) for t in run.data.get("taskIds", [])))
-    page = await audit_page(
-        store,
-        limit=limit,
-        cursor=cursor,
-        since=since,
-        until=until,
-        outcome=outcome,
-        order=order,
-        entity_ids=ids,
-    )
+    page = await audit_page(store, filters, entity_ids=ids)
     page["items"] = [r for r in page["items"] if r["entityType"] in (WORKFLOW, TASK)]
     return page
