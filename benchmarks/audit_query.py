@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -132,8 +133,7 @@ def run(sizes: list[int], agents: int = 1000, queries: int = 300) -> dict[str, A
         built = time.perf_counter() - t
         out[str(size)] = {**asyncio.run(measure(path, agents, queries)), "build_s": built}
     out["verify"] = asyncio.run(verify(path))
-    for suffix in ("", "-wal", "-shm", ".lock"):
-        Path(path + suffix).unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -98,6 +99,7 @@ def main() -> None:
     with open(tmp / "log.jsonl", "rb") as fh:
         result["log_lines"] = sum(1 for _ in fh)
     real_stderr.write("RESULT " + json.dumps(result) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)  # the database and the log: hundreds of MB per run
 
 
 if __name__ == "__main__":
