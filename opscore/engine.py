@@ -3,11 +3,14 @@
 ``transitions`` is the authority on legality. One ``Machine`` is built per declaration at
 start-up (``model=None``, ``auto_transitions=False``) and every decision is
 ``machine.events[trigger].trigger(probe)`` on a two-slot probe holding the loaded state: the
-library's own answer to per-model memory costs, measured at ~6 µs against 31-45 µs for
-``add_model``/``remove_model`` per request and 22 KB per agent for a machine each
-(``../shared/NOTES-transitions.md``; ``benchmarks/`` re-measures it). Side effects happen after the
-machine decided, never in its callbacks, because ``transitions`` keeps a new state when a
-callback raises.
+library's own answer to per-model memory costs. ``python -m benchmarks.machine_patterns``
+measured 5.2 µs a decision this way against 32 µs for ``add_model``/``remove_model`` per
+request and 89 µs for a ``Machine`` per request, and 58 bytes kept per agent against 7.4 KB
+(attached to a shared machine) or 25 KB (a machine each). When a declaration has no
+conditions or callbacks, the machine's answer for a (trigger, state) pair cannot change, so
+:class:`Fsm` remembers it after asking once (0.1 µs). Side effects happen after the machine
+decided, never in its callbacks, because ``transitions`` keeps a new state when a callback
+raises.
 
 Within one process, requests for the same entity are serialised by a per-entity lock, so
 they never race; across processes (several replicas on PostgreSQL) the store's revision
