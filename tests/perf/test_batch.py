@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.servers import Server
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -75,3 +77,29 @@ def test_batch_needs_the_key_and_refuses_per_transition_headers(server: Server) 
         )
         refused = client.post("/v1/opscore/state-reports", json=body, headers={"Idempotency-Key": "k"})
         assert refused.status_code == 422 and refused.json()["code"] == "unsupported_header"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b"[]", id="not-an-object"),
+        pytest.param(b"{}", id="no-reports"),
+        pytest.param(b'{"reports": {"agentId": "a"}}', id="reports-not-a-list"),
+    ],
+)
+def test_a_malformed_batch_is_one_422_in_the_one_error_shape(server: Server, content: bytes) -> None:
+    with server.client() as client:
+        answer = client.post("/v1/opscore/state-reports", content=content, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422
+        body = answer.json()
+        assert body["code"] == "validation_error" and isinstance(body["detail"], str) and body["errors"]
+
+
+def test_huge_integers_in_details_keep_their_exact_value(server: Server) -> None:
+    big = 123456789012345678901234567890
+    report = {"agentId": "big", "timestamp": at(1), "state": "idle", "details": {"n": big}}
+    with server.client() as client:
+        answer = client.post("/v1/opscore/state-reports", json={"reports": [report]})
+        assert answer.status_code == 200 and answer.json()["results"][0]["status"] == 200
+        assert client.get("/v1/opscore/agent/big/state").json()["details"] == {"n": big}
