@@ -55,7 +55,17 @@ from opscore import audit
 from opscore.errors import Conflict, Invalid, RevisionConflict, StorageError, Unavailable, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import Store, next_entity, stored_answer, utc_now
-from opscore.storage.rows import ENTITY_COLUMNS, TIMER_COLUMNS, dumps, entity_from_row, entity_values, timer_from_row
+from opscore.storage.rows import (
+    ENTITY_COLUMNS,
+    POSTGRES,
+    TIMER_COLUMNS,
+    dumps,
+    entity_from_row,
+    entity_values,
+    select_audit,
+    select_entities,
+    timer_from_row,
+)
 
 SCHEMA_VERSION = 1
 
@@ -435,57 +445,15 @@ class PostgresStore(Store):
         return Committed(new, record, created)
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
-        sql = [f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s"]
-        params: list[Any] = [query.entity_type]
-        if query.state is not None:
-            sql.append("AND state = %s")
-            params.append(query.state)
-        if query.capability is not None:
-            sql.append("AND capabilities @> ARRAY[%s]::text[]")
-            params.append(query.capability)
-        if query.id_prefix is not None:
-            sql.append("AND left(entity_id, %s) = %s")
-            params.extend([len(query.id_prefix), query.id_prefix])
-        if query.seen_before is not None:
-            sql.append("AND COALESCE(last_seen_at, '') < %s")
-            params.append(query.seen_before)
-        if query.after_id is not None:
-            sql.append("AND entity_id > %s")
-            params.append(query.after_id)
-        sql.append("ORDER BY entity_id LIMIT %s")
-        params.append(query.limit)
+        sql, params = select_entities(query, POSTGRES)
         async with self._connection() as conn:
-            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+            rows = await (await conn.execute(sql, params)).fetchall()
         return [entity_from_row(r) for r in rows]
 
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
-        sql = ["SELECT body FROM audit WHERE TRUE"]
-        params: list[Any] = []
-        if query.entity_type is not None:
-            sql.append("AND entity_type = %s")
-            params.append(query.entity_type)
-        if query.entity_id is not None:
-            sql.append("AND entity_id = %s")
-            params.append(query.entity_id)
-        if query.entity_ids is not None:
-            sql.append("AND entity_id = ANY(%s)")
-            params.append(list(query.entity_ids))
-        if query.outcome is not None:
-            sql.append("AND outcome = %s")
-            params.append(query.outcome)
-        if query.since is not None:
-            sql.append("AND recorded_at >= %s")
-            params.append(query.since)
-        if query.until is not None:
-            sql.append("AND recorded_at <= %s")
-            params.append(query.until)
-        if query.after_id is not None:
-            sql.append("AND id < %s" if query.descending else "AND id > %s")
-            params.append(query.after_id)
-        sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT %s")
-        params.append(query.limit)
+        sql, params = select_audit(query, POSTGRES)
         async with self._connection() as conn:
-            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+            rows = await (await conn.execute(sql, params)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     async def verify(self) -> audit.Verification:

@@ -1,4 +1,4 @@
-"""How an entity and a timer become a row and back: one codec for every SQL backend.
+"""Rows and queries shared by every SQL backend: entity/timer codecs and the page SELECTs.
 
 The SQL stores keep the same columns in the same order (``ENTITY_COLUMNS``,
 ``TIMER_COLUMNS``); only their placeholders and extra columns differ (PostgreSQL adds a
@@ -8,9 +8,10 @@ The SQL stores keep the same columns in the same order (``ENTITY_COLUMNS``,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from opscore.models import Entity, Timer
+from opscore.models import AuditQuery, Entity, EntityQuery, Timer
 
 ENTITY_COLUMNS = (
     "entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, "
@@ -63,3 +64,90 @@ def entity_values(e: Entity) -> tuple[Any, ...]:
 def timer_from_row(row: tuple[Any, ...]) -> Timer:
     """A :class:`Timer` from a row selected as ``TIMER_COLUMNS``."""
     return Timer(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What the SQL stores' queries differ in: placeholders and three expressions."""
+
+    ph: str
+    capability: str
+    """Tests that ``data.capabilities`` holds the one bound value."""
+    id_prefix: str
+    """Tests ``entity_id`` against a prefix: binds its length, then the prefix."""
+    ids_as_array: bool
+    """``entity_id = ANY(<one array>)`` rather than ``IN (<one value each>)``."""
+
+
+SQLITE = Dialect(
+    ph="?",
+    capability="EXISTS (SELECT 1 FROM json_each(data, '$.capabilities') WHERE value = ?)",
+    id_prefix="substr(entity_id, 1, ?) = ?",
+    ids_as_array=False,
+)
+POSTGRES = Dialect(
+    ph="%s",
+    capability="capabilities @> ARRAY[%s]::text[]",
+    id_prefix="left(entity_id, %s) = %s",
+    ids_as_array=True,
+)
+
+
+def select_entities(query: EntityQuery, d: Dialect) -> tuple[str, list[Any]]:
+    """The page of ``query`` as one SELECT of ``ENTITY_COLUMNS`` and its parameters."""
+    p = d.ph
+    sql = [f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = {p}"]
+    params: list[Any] = [query.entity_type]
+    if query.state is not None:
+        sql.append(f"AND state = {p}")
+        params.append(query.state)
+    if query.capability is not None:
+        sql.append(f"AND {d.capability}")
+        params.append(query.capability)
+    if query.id_prefix is not None:
+        sql.append(f"AND {d.id_prefix}")
+        params.extend([len(query.id_prefix), query.id_prefix])
+    if query.seen_before is not None:
+        sql.append(f"AND COALESCE(last_seen_at, '') < {p}")
+        params.append(query.seen_before)
+    if query.after_id is not None:
+        sql.append(f"AND entity_id > {p}")
+        params.append(query.after_id)
+    sql.append(f"ORDER BY entity_id LIMIT {p}")
+    params.append(query.limit)
+    return " ".join(sql), params
+
+
+def select_audit(query: AuditQuery, d: Dialect) -> tuple[str, list[Any]]:
+    """The page of ``query`` as one SELECT of record bodies (keyset on ``id``) and its parameters."""
+    p = d.ph
+    sql = ["SELECT body FROM audit WHERE 1=1"]
+    params: list[Any] = []
+    if query.entity_type is not None:
+        sql.append(f"AND entity_type = {p}")
+        params.append(query.entity_type)
+    if query.entity_id is not None:
+        sql.append(f"AND entity_id = {p}")
+        params.append(query.entity_id)
+    if query.entity_ids is not None:
+        if d.ids_as_array:
+            sql.append(f"AND entity_id = ANY({p})")
+            params.append(list(query.entity_ids))
+        else:
+            sql.append(f"AND entity_id IN ({','.join([p] * len(query.entity_ids))})")
+            params.extend(query.entity_ids)
+    if query.outcome is not None:
+        sql.append(f"AND outcome = {p}")
+        params.append(query.outcome)
+    if query.since is not None:
+        sql.append(f"AND recorded_at >= {p}")
+        params.append(query.since)
+    if query.until is not None:
+        sql.append(f"AND recorded_at <= {p}")
+        params.append(query.until)
+    if query.after_id is not None:
+        sql.append(f"AND id < {p}" if query.descending else f"AND id > {p}")
+        params.append(query.after_id)
+    sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT {p}")
+    params.append(query.limit)
+    return " ".join(sql), params

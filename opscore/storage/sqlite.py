@@ -32,7 +32,16 @@ from opscore import audit
 from opscore.errors import Conflict, OpsCoreError, StorageError, Unavailable
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import Store, next_entity, stored_answer, utc_now
-from opscore.storage.rows import ENTITY_COLUMNS, TIMER_COLUMNS, entity_from_row, entity_values, timer_from_row
+from opscore.storage.rows import (
+    ENTITY_COLUMNS,
+    SQLITE,
+    TIMER_COLUMNS,
+    entity_from_row,
+    entity_values,
+    select_audit,
+    select_entities,
+    timer_from_row,
+)
 
 SCHEMA_VERSION = 1
 
@@ -555,55 +564,13 @@ class SQLiteStore(Store):
         return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
-        sql = [f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ?"]
-        params: list[Any] = [query.entity_type]
-        if query.state is not None:
-            sql.append("AND state = ?")
-            params.append(query.state)
-        if query.capability is not None:
-            sql.append("AND EXISTS (SELECT 1 FROM json_each(data, '$.capabilities') WHERE value = ?)")
-            params.append(query.capability)
-        if query.id_prefix is not None:
-            sql.append("AND substr(entity_id, 1, ?) = ?")
-            params.extend([len(query.id_prefix), query.id_prefix])
-        if query.seen_before is not None:
-            sql.append("AND COALESCE(last_seen_at, '') < ?")
-            params.append(query.seen_before)
-        if query.after_id is not None:
-            sql.append("AND entity_id > ?")
-            params.append(query.after_id)
-        sql.append("ORDER BY entity_id LIMIT ?")
-        params.append(query.limit)
-        rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
+        sql, params = select_entities(query, SQLITE)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [entity_from_row(r) for r in rows]
 
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
-        sql = ["SELECT body FROM audit WHERE 1=1"]
-        params: list[Any] = []
-        if query.entity_type is not None:
-            sql.append("AND entity_type = ?")
-            params.append(query.entity_type)
-        if query.entity_id is not None:
-            sql.append("AND entity_id = ?")
-            params.append(query.entity_id)
-        if query.entity_ids is not None:
-            sql.append(f"AND entity_id IN ({','.join('?' * len(query.entity_ids))})")
-            params.extend(query.entity_ids)
-        if query.outcome is not None:
-            sql.append("AND outcome = ?")
-            params.append(query.outcome)
-        if query.since is not None:
-            sql.append("AND recorded_at >= ?")
-            params.append(query.since)
-        if query.until is not None:
-            sql.append("AND recorded_at <= ?")
-            params.append(query.until)
-        if query.after_id is not None:
-            sql.append("AND id < ?" if query.descending else "AND id > ?")
-            params.append(query.after_id)
-        sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT ?")
-        params.append(query.limit)
-        rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
+        sql, params = select_audit(query, SQLITE)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [audit.loads(r[0]) for r in rows]
 
     def iter_records(self, conn: sqlite3.Connection, chunk: int = 10_000) -> Iterator[dict[str, Any]]:
