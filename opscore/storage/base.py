@@ -19,6 +19,9 @@ from opscore.errors import RevisionConflict, UnknownEntity
 from opscore.fastcopy import replacer
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 
+IDEMPOTENCY_TTL = 48 * 3600.0
+"""Seconds an ``Idempotency-Key`` answer is kept (DESIGN §5 asks for at least 24 h)."""
+
 
 def utc_now() -> str:
     """Now, as the fixed-width UTC ISO-8601 text every stored timestamp uses."""
@@ -163,6 +166,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
         """The saved first answer for this key, if any (kept at least 24 h)."""
+
+    @abc.abstractmethod
+    async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
+        """Forget idempotency answers older than ``older_than`` seconds; how many were dropped.
+
+        Reads already ignore expired answers; this only reclaims their space (the scheduler
+        calls it periodically).
+        """
 
     @abc.abstractmethod
     async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from opscore import audit
 from opscore.errors import Conflict
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
-from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 
 
 def matches(record: dict[str, Any], query: AuditQuery) -> bool:
@@ -37,6 +37,7 @@ class MemoryStore(Store):
         self.entities: dict[tuple[str, str], Entity] = {}
         self.records: list[dict[str, Any]] = []
         self.idempotency: dict[tuple[str, str], IdempotencyEntry] = {}
+        self.idempotency_at: dict[tuple[str, str], float] = {}
         self.signatures: dict[str, float] = {}
         self.definitions: dict[tuple[str, str], dict[str, Any]] = {}
         self.timers: dict[str, Timer] = {}
@@ -65,6 +66,7 @@ class MemoryStore(Store):
             self.records.append(record)
         if change.idempotency is not None:
             self.idempotency[ikey] = stored_answer(change.idempotency, record)
+            self.idempotency_at[ikey] = time.time()
         for timer_key in change.cancel_timers:
             self.timers.pop(timer_key, None)
             self.leases.pop(timer_key, None)
@@ -108,7 +110,16 @@ class MemoryStore(Store):
         return audit.verify(self.records, heads)
 
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
+        if self.idempotency_at.get((scope, key), 0.0) < time.time() - IDEMPOTENCY_TTL:
+            return None
         return self.idempotency.get((scope, key))
+
+    async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
+        cutoff = time.time() - older_than
+        old = [k for k, at in self.idempotency_at.items() if at < cutoff]
+        for k in old:
+            del self.idempotency[k], self.idempotency_at[k]
+        return len(old)
 
     async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:
         now = time.time()

@@ -54,7 +54,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from opscore import audit
 from opscore.errors import Conflict, Invalid, RevisionConflict, StorageError, Unavailable, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
-from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     POSTGRES,
@@ -142,7 +142,6 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
-IDEMPOTENCY_TTL = 48 * 3600.0
 VERIFY_CHUNK = 5000
 
 # pg_advisory_xact_lock(int, int): a fixed first key for Ops-Core migrations, the schema's
@@ -486,7 +485,6 @@ class PostgresStore(Store):
         return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
 
     async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
-        """Forget idempotency answers older than ``older_than`` seconds (kept 48 h by default)."""
         async with self._connection() as conn:
             cur = await conn.execute(
                 "DELETE FROM idempotency WHERE created < clock_timestamp() - make_interval(secs => %s)",

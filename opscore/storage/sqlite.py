@@ -31,7 +31,7 @@ from typing import Any
 from opscore import audit
 from opscore.errors import Conflict, OpsCoreError, StorageError, Unavailable
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
-from opscore.storage.base import Store, next_entity, stored_answer, utc_now
+from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     SQLITE,
@@ -109,7 +109,6 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
-IDEMPOTENCY_TTL = 48 * 3600.0
 WRITER_CACHE_KIB = 64 * 1024
 _MISSING = object()
 
@@ -531,7 +530,6 @@ class SQLiteStore(Store):
         return await self._submit(job, writes=True)  # type: ignore[no-any-return]
 
     async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
-        """Forget idempotency answers older than ``older_than`` seconds (kept 48 h by default)."""
 
         def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> int:
             return conn.execute("DELETE FROM idempotency WHERE created < ?", (time.time() - older_than,)).rowcount

@@ -12,7 +12,9 @@ One asyncio task per process, started in the app's lifespan. Each tick it
   record a listener could see);
 - sends agents silent for ``OPSCORE_AGENT_TIMEOUT_SECONDS`` ``offline`` (actor ``system``);
 - every ``recover_interval`` s advances unfinished runs, which heals a run left between two
-  writes by a crash of another replica.
+  writes by a crash of another replica;
+- every ``purge_interval`` s drops idempotency answers past their 48 h (any replica may: the
+  delete is idempotent).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Scheduler:
         waiting_interval: float = 1.0,
         liveness_interval: float | None = None,
         recover_interval: float = 30.0,
+        purge_interval: float = 3600.0,
     ) -> None:
         self.runs = runs
         self.agent_timeout = agent_timeout
@@ -47,6 +50,7 @@ class Scheduler:
         self.waiting_interval = waiting_interval
         self.liveness_interval = liveness_interval or max(0.5, min(agent_timeout / 4, 15.0))
         self.recover_interval = recover_interval
+        self.purge_interval = purge_interval
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -67,6 +71,7 @@ class Scheduler:
         next_waiting = clock + self.waiting_interval
         next_liveness = clock + self.liveness_interval
         next_recover = clock + self.recover_interval
+        next_purge = clock
         while not self._stop.is_set():
             try:
                 await self._timers()
@@ -81,6 +86,9 @@ class Scheduler:
                 if clock >= next_recover:
                     await self.runs.recover()
                     next_recover = clock + self.recover_interval
+                if clock >= next_purge:
+                    await self.runs.store.purge_idempotency()
+                    next_purge = clock + self.purge_interval
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -233,6 +233,21 @@ def test_idempotency_key_is_stored_with_the_write_and_used_once(backend: Backend
     backend.run(scenario)
 
 
+def test_purge_drops_old_idempotency_answers_and_keeps_fresh_ones(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        answer = IdempotencyEntry("agent:a1", "k1", "fp", 200, {"state": "idle"})
+        await step(store, "a1", idempotency=answer)
+        assert await store.purge_idempotency() == 0  # younger than the 48 h it is kept
+        assert await store.get_idempotency("agent:a1", "k1") == answer
+        await asyncio.sleep(0.05)
+        assert await store.purge_idempotency(older_than=0.01) == 1
+        assert await store.get_idempotency("agent:a1", "k1") is None
+        entity = await store.get("agent", "a1")
+        assert entity is not None and entity.revision == 1  # the write it answered stays
+
+    backend.run(scenario)
+
+
 # -- reads --------------------------------------------------------------------------------
 
 
