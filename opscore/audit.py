@@ -287,10 +287,25 @@ def read_jsonl(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
             yield record
 
 
+METADATA_EVENT = "update_metadata"
+"""The ``event`` of a record of changed metadata (an agent re-registered with other capabilities):
+``source`` = ``dest`` = the state it stays in, the fields' old and new values in ``details``."""
+
+
+def is_transition(record: dict[str, Any]) -> bool:
+    """Whether ``record`` moved its entity: applied, with a destination, not a metadata change.
+
+    Transitions are what ``revision`` counts and what replaying a chain walks through.
+    """
+    return (
+        record.get("outcome") == "applied" and record.get("dest") is not None and record.get("event") != METADATA_EVENT
+    )
+
+
 def replay(records: Iterable[dict[str, Any]], initial: str) -> str:
-    """The state an entity is in after its applied records, from ``initial``."""
+    """The state an entity is in after its transitions, from ``initial``."""
     state = initial
     for record in records:
-        if record.get("outcome") == "applied" and record.get("dest") is not None:
+        if is_transition(record):
             state = record["dest"]
     return state

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     task_timeout_seconds: float = Field(
         default=300.0, validation_alias=AliasChoices("OPSCORE_TASK_TIMEOUT_SECONDS", "task_timeout_seconds")
     )
+    max_clock_skew_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        validation_alias=AliasChoices("OPSCORE_MAX_CLOCK_SKEW_SECONDS", "max_clock_skew_seconds"),
+    )
     agent_timeout_seconds: float = Field(
         default=300.0, validation_alias=AliasChoices("OPSCORE_AGENT_TIMEOUT_SECONDS", "agent_timeout_seconds")
     )

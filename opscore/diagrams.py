@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 
 from transitions.extensions import GraphMachine
 
+from opscore.audit import is_transition
 from opscore.errors import RendererMissing
 from opscore.machines import Declaration, transition_rows
 
@@ -98,7 +99,7 @@ def path_steps(records: Iterable[dict[str, Any]], last: int = DEFAULT_LAST) -> l
 
     Refused records are skipped: they moved nothing. ``last=0`` draws no path.
     """
-    applied = [r for r in records if r.get("outcome") == "applied" and r.get("source") is not None and r.get("dest")]
+    applied = [r for r in records if is_transition(r) and r.get("source") is not None]
     chosen = applied[-last:] if last > 0 else []
     return [
         Step(

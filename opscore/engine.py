@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from transitions import Machine, MachineError
@@ -42,6 +42,7 @@ from opscore.errors import (
     PreconditionFailed,
     RevisionConflict,
     StaleReport,
+    TimestampInFuture,
     UnknownEntity,
     UnknownState,
     UnknownTrigger,
@@ -56,6 +57,7 @@ logging.getLogger("transitions").setLevel(logging.WARNING)
 audit_log = logging.getLogger("opscore.audit")
 
 MAX_CAS_RETRIES = 16
+DEFAULT_CLOCK_SKEW = 300.0
 
 # What the engine adds to a decided change before the store gets it (see opscore.fastcopy).
 _finish = replacer(Change, "create", "expected_revision", "record")
@@ -283,6 +285,11 @@ def normalise_time(value: datetime | str) -> str:
         raise Invalid(f"{value!s} is not a time between years 1 and 9999 in UTC", code="invalid_timestamp") from exc
 
 
+def horizon(skew_seconds: float) -> str:
+    """The latest report time accepted now: the server's clock plus the allowed skew (UTC text)."""
+    return (datetime.now(UTC) + timedelta(seconds=skew_seconds)).isoformat(timespec="microseconds")
+
+
 def _decide_report(
     fsm: Fsm,
     entity_type: str,
@@ -292,14 +299,30 @@ def _decide_report(
     details: dict[str, Any],
     current: Entity,
     now: str,
+    latest: str,
 ) -> Decision:
-    """What a state report of ``target`` does to ``current`` (one :class:`Change` built, no copies)."""
-    if at is not None and current.last_report_at is not None and at < current.last_report_at:
+    """What a state report of ``target`` does to ``current`` (one :class:`Change` built, no copies).
+
+    ``latest`` is the newest report time accepted now (:func:`horizon`). A report dated after
+    it is refused and never becomes the newest accepted one: one agent's bad clock must not
+    refuse every later report as stale (DESIGN §3). For the same reason a stored newest report
+    time beyond ``latest`` (written before this rule existed) makes nothing stale.
+    """
+    if at is not None and at > latest:
+        future = TimestampInFuture(
+            f"report dated {at} is more than the allowed clock skew after the server's time; check the agent's clock",
+            **{"from": current.state, "to": target},
+            reportedAt=at,
+            latestAccepted=latest,
+        )
+        return Change(entity_type, entity_id, seen_at=now), fsm.trigger_for(current.state, target), target, future
+    newest = current.last_report_at
+    if at is not None and newest is not None and at < newest <= latest:
         stale = StaleReport(
-            f"report from {at} is older than the newest accepted one ({current.last_report_at})",
+            f"report from {at} is older than the newest accepted one ({newest})",
             source=current.state,
             to=target,
-            newest=current.last_report_at,
+            newest=newest,
         )
         return Change(entity_type, entity_id, seen_at=now), fsm.trigger_for(current.state, target), target, stale
     accepted = None if at is None else details
@@ -355,8 +378,16 @@ def _log_record(record: dict[str, Any]) -> logging.LogRecord:
 class Engine:
     """Applies transitions. The only writer of entity state and audit records."""
 
-    def __init__(self, store: Store, machines: dict[str, Declaration] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        machines: dict[str, Declaration] | None = None,
+        *,
+        max_clock_skew: float = DEFAULT_CLOCK_SKEW,
+    ) -> None:
         self.store = store
+        self.max_clock_skew = max_clock_skew
+        """Seconds a report's timestamp may lie after the server's clock (``OPSCORE_MAX_CLOCK_SKEW_SECONDS``)."""
         self.fsms = {name: Fsm(decl) for name, decl in (machines or MACHINES).items()}
         self._entity_locks = _KeyedLocks()
         self._key_locks = _KeyedLocks()
@@ -394,9 +425,10 @@ class Engine:
             )
         at = None if reported_at is None else normalise_time(reported_at)
         details = details or {}
+        latest = horizon(self.max_clock_skew)
 
         async def decide(current: Entity, now: str) -> Decision:
-            return _decide_report(fsm, entity_type, entity_id, target, at, details, current, now)
+            return _decide_report(fsm, entity_type, entity_id, target, at, details, current, now, latest)
 
         return await self._run(entity_type, entity_id, ctx, decide, details=details, reported_at=at, create=create)
 
@@ -476,6 +508,7 @@ class Engine:
         fsm = self.fsms[entity_type]
         currents = await self.store.get_many(entity_type, [reports[i].entity_id for i in indices])
         now = datetime.now(UTC).isoformat(timespec="microseconds")
+        latest = horizon(self.max_clock_skew)
         todo: list[tuple[int, Entity, str | None, dict[str, Any], Change, OpsCoreError | None]] = []
         for i, current in zip(indices, currents, strict=True):
             r = reports[i]
@@ -496,7 +529,7 @@ class Engine:
                 results[i] = exc
                 continue
             details = r.details or {}
-            decision = _decide_report(fsm, entity_type, r.entity_id, r.target, at, details, current, now)
+            decision = _decide_report(fsm, entity_type, r.entity_id, r.target, at, details, current, now, latest)
             change = self._change(ctx, current, seed, decision, details, at)
             todo.append((i, current, at, details, change, decision[3]))
         if not todo:
@@ -511,7 +544,9 @@ class Engine:
                     async def decide(
                         entity: Entity, now: str, target: str = target, at: str | None = at, details: Any = details
                     ) -> Decision:
-                        return _decide_report(fsm, entity_type, entity.entity_id, target, at, details, entity, now)
+                        return _decide_report(
+                            fsm, entity_type, entity.entity_id, target, at, details, entity, now, latest
+                        )
 
                     results[i] = await self._attempt(entity_type, r.entity_id, ctx, decide, details, at, r.create)
                 elif isinstance(outcome, Exception):
@@ -560,17 +595,55 @@ class Engine:
     async def upsert(
         self, entity_type: str, entity_id: str, data: dict[str, Any], *, ctx: Context
     ) -> tuple[Entity, bool]:
-        """Create an entity in its machine's initial state, or merge ``data`` into a known one.
+        """Create an entity in its machine's initial state, or change a known one's metadata.
 
         Never changes the state of a known entity (DESIGN §2: a late REGISTER must not reset
-        an agent that already reported).
+        an agent that already reported). A change of a known entity's metadata is audited: a
+        record ``update_metadata`` in its chain (``source`` = ``dest`` = its state, each changed
+        field's old and new value in ``details``), written with the change, compare-and-set on
+        the old values so that two registrations racing on two replicas both leave a record.
         """
         fsm = self.fsms[entity_type]
         seed = Entity(entity_type, entity_id, fsm.initial, data=data)
         async with self._entity_locks.hold((entity_type, entity_id)):
-            committed = await self.store.apply(Change(entity_type, entity_id, create=seed, data=data))
-        audit_log.debug("upsert", extra={"entityType": entity_type, "entityId": entity_id, "actor": ctx.actor})
-        return committed.entity, committed.created
+            for _ in range(MAX_CAS_RETRIES):
+                current = await self.store.get(entity_type, entity_id)
+                if current is None:
+                    committed = await self.store.apply(Change(entity_type, entity_id, create=seed))
+                    if committed.created:
+                        return committed.entity, True
+                    continue  # created meanwhile by another replica: compare with what it wrote
+                changed = {
+                    key: {"old": current.data.get(key), "new": value}
+                    for key, value in data.items()
+                    if current.data.get(key) != value
+                }
+                if not changed:
+                    return current, False
+                record = audit.draft(
+                    entity_type=entity_type,
+                    entity_id=entity_id,
+                    event=audit.METADATA_EVENT,
+                    source=current.state,
+                    dest=current.state,
+                    outcome="applied",
+                    reason=None,
+                    actor=ctx.actor,
+                    request_id=ctx.request_id,
+                    details={"changed": changed},
+                    reported_at=None,
+                )
+                expected = {key: current.data.get(key) for key in changed}
+                change = Change(entity_type, entity_id, expected_data=expected, data=data, record=record)
+                try:
+                    committed = await self.store.apply(change)
+                except RevisionConflict:
+                    continue
+                self._emit(committed)
+                return committed.entity, False
+        raise Conflict(
+            f"{entity_type} {entity_id!r} kept changing under this request; try again", code="revision_conflict"
+        )
 
     async def create(self, entity_type: str, entity_id: str, data: dict[str, Any], *, ctx: Context) -> Entity:
         """Create an entity in its initial state unless it exists; an existing one is left untouched.

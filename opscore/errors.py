@@ -12,7 +12,14 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     │   ├── UnknownState          unknown_state      (valid states listed)
     │   ├── UnknownTrigger        unknown_trigger    (valid triggers listed)
     │   ├── InvalidDefinition     invalid_definition (every problem listed)
-    │   └── IdempotencyKeyReused  idempotency_key_reused
+    │   ├── IdempotencyKeyReused  idempotency_key_reused
+    │   ├── TimestampInFuture     timestamp_in_future (recorded as a rejection; DESIGN §3)
+    │   └── UnacceptableInput     client data no JSON output could hold again (opscore.inputs)
+    │       ├── NestedTooDeep     too_deep
+    │       ├── NonFiniteNumber   non_finite_number  (NaN, ±Infinity, 1e400)
+    │       ├── LoneSurrogate     lone_surrogate
+    │       ├── NulCharacter      nul_character
+    │       └── InvalidId         invalid_id         (control characters, '/', U+FFFD, length)
     ├── Refused                   409
     │   ├── IllegalTransition     illegal_transition (from, to, allowed)
     │   ├── StaleReport           stale_report
@@ -89,6 +96,38 @@ class InvalidDefinition(Invalid):
 
 class IdempotencyKeyReused(Invalid):
     code = "idempotency_key_reused"
+
+
+class TimestampInFuture(Invalid):
+    """A report dated beyond the server's clock plus ``OPSCORE_MAX_CLOCK_SKEW_SECONDS``."""
+
+    code = "timestamp_in_future"
+
+
+class UnacceptableInput(Invalid):
+    """Client data that no JSON output could hold again (see :mod:`opscore.inputs`)."""
+
+    code = "unacceptable_input"
+
+
+class NestedTooDeep(UnacceptableInput):
+    code = "too_deep"
+
+
+class NonFiniteNumber(UnacceptableInput):
+    code = "non_finite_number"
+
+
+class LoneSurrogate(UnacceptableInput):
+    code = "lone_surrogate"
+
+
+class NulCharacter(UnacceptableInput):
+    code = "nul_character"
+
+
+class InvalidId(UnacceptableInput):
+    code = "invalid_id"
 
 
 class Refused(OpsCoreError):

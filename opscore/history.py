@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from opscore.audit import is_transition
 from opscore.errors import NotYetCreated
 from opscore.models import AuditQuery, Entity
 from opscore.storage.base import Store
@@ -48,9 +49,9 @@ async def recent_path(store: Store, entity_type: str, entity_id: str, last: int)
     if last <= 0:
         return []
     newest = await store.list_audit(
-        AuditQuery(entity_type=entity_type, entity_id=entity_id, outcome="applied", descending=True, limit=last)
+        AuditQuery(entity_type=entity_type, entity_id=entity_id, outcome="applied", descending=True, limit=last + 16)
     )
-    return newest[::-1]
+    return [r for r in newest if is_transition(r)][:last][::-1]
 
 
 async def now(store: Store, entity: Entity, last: int) -> Snapshot:
@@ -100,7 +101,7 @@ async def at(store: Store, entity: Entity, initial: str, moment: str, last: int)
         )
         for record in page:
             seq, as_of = int(record["seq"]), int(record["id"])
-            if record.get("outcome") == "applied" and record.get("dest") is not None:
+            if is_transition(record):
                 state = str(record["dest"])
                 revision += 1
                 last_applied = record

@@ -143,6 +143,7 @@ class AuditQuery:
     after_id: int | None = None
     limit: int = 100
     entity_ids: tuple[str, ...] | None = None
+    entity_types: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

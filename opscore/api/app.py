@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         store = open_store(conf.database_url)
         await store.open()
-        engine = Engine(store)
+        engine = Engine(store, max_clock_skew=conf.max_clock_skew_seconds)
         app.state.settings = conf
         app.state.api_keys = keys
         app.state.engine = engine

@@ -32,6 +32,9 @@ STATUS: dict[type[errors.OpsCoreError], int] = {
     errors.OpsCoreError: 500,
 }
 
+INPUT_CODES = frozenset(cls.code for cls in errors.UnacceptableInput.__subclasses__())
+"""Codes of :mod:`opscore.inputs` refusals, raised inside pydantic validation as error types."""
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -87,7 +90,9 @@ def validation_body(errors: Any) -> dict[str, Any]:
         for e in errors
     ]
     summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems) or "invalid request"
-    return {"detail": f"invalid request: {summary}", "code": "validation_error", "errors": problems}
+    # a problem opscore.inputs named (lone_surrogate, invalid_id, ...) names the whole answer
+    code = next((p["type"] for p in problems if p["type"] in INPUT_CODES), "validation_error")
+    return {"detail": f"invalid request: {summary}", "code": code, "errors": problems}
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,61 +2,70 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import Path
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-ENTITY_ID = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f/]+$")
-
-MAX_NESTING = 64
-"""Deepest nesting accepted in a body: records add a few levels and pydantic stops serialising at 255."""
+from opscore.errors import UnacceptableInput
+from opscore.inputs import MAX_ID_LENGTH, check_id, check_json
 
 
-def check_json_safe(value: Any, depth: int = 0) -> None:
-    """Refuse what Python's JSON parsers accept but no JSON output can hold.
+def _acceptable(data: Any) -> Any:
+    """:func:`opscore.inputs.check_json` as a pydantic check: its ``code`` becomes the error type."""
+    try:
+        check_json(data)
+    except UnacceptableInput as exc:
+        raise PydanticCustomError(exc.code, exc.detail) from exc
+    return data
 
-    ``json.loads`` (FastAPI) and pydantic's parser accept ``NaN``/``Infinity`` and lone
-    surrogates (``"\\ud800"``); stored, they break the canonical bytes of an audit record
-    (not UTF-8, not JSON) and every later answer that shows them. Deep nesting is stored
-    fine but cannot be served back. All three are bad input: 422 at the door.
-    """
-    if depth > MAX_NESTING:
-        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("NaN and Infinity are not JSON numbers")
-    elif isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError("strings must be valid Unicode (no lone surrogates)") from exc
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_json_safe(key, depth + 1)
-            check_json_safe(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            check_json_safe(item, depth + 1)
+
+def _acceptable_id(value: str) -> str:
+    try:
+        return check_id(value)
+    except UnacceptableInput as exc:
+        raise PydanticCustomError(exc.code, exc.detail) from exc
+
+
+ID_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f/]+$"}
+"""What :func:`opscore.inputs.check_id` accepts, for the OpenAPI (the check itself is the validator)."""
+
+EntityId = Annotated[str, AfterValidator(_acceptable_id), Field(json_schema_extra=ID_SCHEMA)]
+"""An id in a body: the one rule of :func:`opscore.inputs.check_id` (422 ``invalid_id``)."""
+
+
+_CHECKED_ID = AfterValidator(_acceptable_id)
+
+# Ids in the URL path, checked by the same rule as ids in bodies.
+AgentIdPath = Annotated[str, Path(description="the agent's id", json_schema_extra=ID_SCHEMA), _CHECKED_ID]
+SessionIdPath = Annotated[str, Path(description="the run's sessionId", json_schema_extra=ID_SCHEMA), _CHECKED_ID]
+TaskIdPath = Annotated[str, Path(description="the task's id within its run", json_schema_extra=ID_SCHEMA), _CHECKED_ID]
+DefinitionIdPath = Annotated[
+    str, Path(description="the workflow definition's id", json_schema_extra=ID_SCHEMA), _CHECKED_ID
+]
 
 
 class Wire(BaseModel):
-    """Base of every request body: the raw input must be representable as JSON again."""
+    """Base of every request body that stores client data: checked by :func:`opscore.inputs.check_json`."""
 
     @model_validator(mode="before")
     @classmethod
     def _json_safe(cls, data: Any) -> Any:
-        check_json_safe(data)
-        return data
+        return _acceptable(data)
 
 
 class AgentDetails(Wire):
-    """An agent as AgentKit describes it (the webhook's ``agent_details``)."""
+    """An agent as AgentKit describes it (the webhook's ``agent_details``).
 
-    model_config = ConfigDict(extra="allow")
+    Fields other than these are ignored: the agent's stored data also holds Ops-Core's own
+    bookkeeping (the workflow claim), which no request body may write.
+    """
 
-    agentId: str = ENTITY_ID
+    model_config = ConfigDict(extra="ignore")
+
+    agentId: EntityId
     agentName: str | None = None
     version: str | None = None
     capabilities: list[str] = Field(default_factory=list)
@@ -74,7 +83,7 @@ class WebhookEvent(Wire):
 class StateReport(Wire):
     """A state report as AgentKit's SDK sends it."""
 
-    agentId: str | None = Field(default=None, description="must equal the path's agent id when present")
+    agentId: EntityId | None = Field(default=None, description="must equal the path's agent id when present")
     timestamp: datetime = Field(description="when the agent was in this state (ISO-8601)")
     state: str = Field(min_length=1, max_length=64, description="the state the agent is in now")
     details: dict[str, Any] | None = Field(default=None, description="free-form; may carry opscore_task_id")

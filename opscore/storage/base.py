@@ -159,6 +159,14 @@ class Store(abc.ABC):
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         """A page of audit records ordered by id."""
 
+    async def list_audit_text(self, query: AuditQuery) -> list[tuple[int, str]]:
+        """A page of records as ``(id, JSON text as stored)``: what listings and exports serve.
+
+        Served as stored, never re-encoded: any record the store holds can be listed, and
+        the text served is the text whose parse hashes to the record's ``hash``.
+        """
+        return [(int(r["id"]), audit.text_of(r)) for r in await self.list_audit(query)]
+
     @abc.abstractmethod
     async def verify(self) -> audit.Verification:
         """Recompute every chain and compare every entity head."""

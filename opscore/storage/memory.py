@@ -23,6 +23,8 @@ def matches(record: dict[str, Any], query: AuditQuery) -> bool:
         return False
     if query.entity_ids is not None and record["entityId"] not in query.entity_ids:
         return False
+    if query.entity_types is not None and record["entityType"] not in query.entity_types:
+        return False
     if query.outcome is not None and record["outcome"] != query.outcome:
         return False
     if query.since is not None and record["recordedAt"] < query.since:

@@ -455,6 +455,12 @@ class PostgresStore(Store):
             rows = await (await conn.execute(sql, params)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    async def list_audit_text(self, query: AuditQuery) -> list[tuple[int, str]]:
+        sql, params = select_audit(query, POSTGRES, "id, body")
+        async with self._connection() as conn:
+            rows = await (await conn.execute(sql, params)).fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
+
     async def verify(self) -> audit.Verification:
         """Stream every record in id order from one snapshot; parse and hash off the event loop."""
         verifier = audit.ChainVerifier()

@@ -118,10 +118,10 @@ def select_entities(query: EntityQuery, d: Dialect) -> tuple[str, list[Any]]:
     return " ".join(sql), params
 
 
-def select_audit(query: AuditQuery, d: Dialect) -> tuple[str, list[Any]]:
-    """The page of ``query`` as one SELECT of record bodies (keyset on ``id``) and its parameters."""
+def select_audit(query: AuditQuery, d: Dialect, columns: str = "body") -> tuple[str, list[Any]]:
+    """The page of ``query`` as one SELECT of ``columns`` (keyset on ``id``) and its parameters."""
     p = d.ph
-    sql = ["SELECT body FROM audit WHERE 1=1"]
+    sql = [f"SELECT {columns} FROM audit WHERE 1=1"]
     params: list[Any] = []
     if query.entity_type is not None:
         sql.append(f"AND entity_type = {p}")
@@ -136,6 +136,9 @@ def select_audit(query: AuditQuery, d: Dialect) -> tuple[str, list[Any]]:
         else:
             sql.append(f"AND entity_id IN ({','.join([p] * len(query.entity_ids))})")
             params.extend(query.entity_ids)
+    if query.entity_types is not None:
+        sql.append(f"AND entity_type IN ({','.join([p] * len(query.entity_types))})")
+        params.extend(query.entity_types)
     if query.outcome is not None:
         sql.append(f"AND outcome = {p}")
         params.append(query.outcome)

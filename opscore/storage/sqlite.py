@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -193,6 +194,18 @@ _Job = tuple[Callable[[sqlite3.Connection, dict[tuple[str, str], Entity | None]]
 
 _ROWS_PER_STATEMENT = 64
 
+log = logging.getLogger("opscore.storage")
+
+
+class _NoFuture:
+    """Stands in for a future where a job's answer is collected, not delivered (:meth:`_isolated_many`)."""
+
+    def done(self) -> bool:
+        return True
+
+
+_NO_FUTURE: Any = _NoFuture()
+
 
 def _multi_row(head: str, width: int, rows: int, tail: str = "") -> str:
     one = "(" + ",".join("?" * width) + ")"
@@ -250,6 +263,7 @@ class SQLiteStore(Store):
         self.batches = 0
         self.batched = 0
         self._deferred = _Deferred()
+        self._failure = StorageError("the SQLite commit failed")
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -336,8 +350,42 @@ class SQLiteStore(Store):
                 return
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        """Run the batch in one transaction; if that fails as a whole, run each job on its own.
+
+        A job that raises is answered alone (SAVEPOINT or no write yet), so the usual failure
+        is already isolated. What fails the whole transaction (a row the database refuses
+        when the deferred rows are written, the COMMIT itself) gives no culprit, so the batch
+        is rolled back and every job runs again in a transaction of its own: a change that
+        cannot be stored fails alone, and every other client's change still commits.
+        """
+        assert self._loop is not None
+        outcomes = self._transaction(batch)
+        if outcomes is None:
+            outcomes = []
+            for job in batch:
+                if isinstance(job[0], _PlainMany) and len(job[0].changes) > 1:
+                    outcomes.append((job[1], self._isolated_many(job[0]), None))
+                else:
+                    alone = self._transaction([job])
+                    outcomes.extend(alone if alone is not None else [(job[1], None, self._failure)])
+        self._loop.call_soon_threadsafe(_deliver, outcomes)
+
+    def _isolated_many(self, many: _PlainMany) -> list[Committed | Exception]:
+        """The changes of a batch job, each committed (or refused) in a transaction of its own."""
+        answers: list[Committed | Exception] = []
+        for change in many.changes:
+            result = self._transaction([(_PlainChange(many.apply, change), _NO_FUTURE, False)])
+            if result is None:
+                answers.append(self._failure)
+            else:
+                answer, exc = result[0][1], result[0][2]
+                answers.append(answer if exc is None else exc if isinstance(exc, Exception) else self._failure)
+        return answers
+
+    def _transaction(self, batch: list[_Job]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]] | None:
+        """Every job of ``batch`` in ONE transaction: each job's outcome, or ``None`` if it did not commit."""
         conn = self._wconn
-        assert conn is not None and self._loop is not None
+        assert conn is not None
         staged: dict[tuple[str, str], Entity | None] = {}
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         writes = any(job[2] or isinstance(job[0], (_PlainChange, _PlainMany)) for job in batch)
@@ -364,22 +412,21 @@ class SQLiteStore(Store):
             if writes:
                 deferred.write(conn)
                 conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001 - the whole batch fails, none is acknowledged
+        except BaseException as exc:  # noqa: BLE001 - nothing of this transaction is acknowledged
             deferred.audit.clear()
             deferred.entities.clear()
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._next_id = first_id
+            self._failure = StorageError(f"the SQLite commit failed: {exc}")
+            log.error("SQLite transaction failed", extra={"jobs": len(batch), "error": repr(exc)})
+            return None
+        if len(self._cache) + len(staged) > self.cache_size:
             self._cache.clear()
-            failure: BaseException = StorageError(f"the SQLite commit failed: {exc}")
-            outcomes = [(job[1], None, failure) for job in batch]
-        else:
-            if len(self._cache) + len(staged) > self.cache_size:
-                self._cache.clear()
-            self._cache.update(staged)
-            self.batches += 1
-            self.batched += len(batch)
-        self._loop.call_soon_threadsafe(_deliver, outcomes)
+        self._cache.update(staged)
+        self.batches += 1
+        self.batched += len(batch)
+        return outcomes
 
     def _load(
         self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None], key: tuple[str, str]
@@ -570,6 +617,11 @@ class SQLiteStore(Store):
         sql, params = select_audit(query, SQLITE)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [audit.loads(r[0]) for r in rows]
+
+    async def list_audit_text(self, query: AuditQuery) -> list[tuple[int, str]]:
+        sql, params = select_audit(query, SQLITE, "id, body")
+        rows: list[tuple[int, str]] = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return rows
 
     def iter_records(self, conn: sqlite3.Connection, chunk: int = 10_000) -> Iterator[dict[str, Any]]:
         """Every audit record in id order (which is ``seq`` order within each entity)."""

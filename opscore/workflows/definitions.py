@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from opscore.errors import InvalidDefinition
+from opscore.errors import InvalidDefinition, InvalidId
+from opscore.inputs import check_id, check_json
 
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF_SECONDS = 1.0
@@ -58,21 +59,82 @@ class Definition:
     start: str = ""
 
 
+MAX_DEFINITION_BYTES = 256 * 1024
+"""The largest definition accepted, in bytes of its JSON or YAML text."""
+
+
+class _JsonYaml(yaml.SafeLoader):
+    """YAML saying no more than JSON can: no aliases, and (checked after loading) JSON types only.
+
+    An alias makes a few hundred bytes expand into gigabytes (nested aliases: the "billion
+    laughs"), and a stored definition can never be deleted; dates, binary and sets are not
+    JSON and could not be stored or served back as written.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event: yaml.AliasEvent = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
+            raise InvalidDefinition(
+                "YAML aliases (*name) are not accepted in a workflow definition: write the value out",
+                problems=[
+                    f"alias *{event.anchor}" + (f" at line {mark.line + 1}" if (mark := event.start_mark) else "")
+                ],
+            )
+        return super().compose_node(parent, index)
+
+
+def _json_types(value: Any, where: str = "definition") -> None:
+    """Refuse what YAML loaded that JSON has no type for (dates, bytes, sets, non-string keys)."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidDefinition(
+                        f"{at}: the key {key!r} is not a string (quote it)", problems=[f"{at}: non-string key {key!r}"]
+                    )
+                stack.append((child, f"{at}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{at}[{n}]") for n, child in enumerate(item))
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            kind = type(item).__name__
+            raise InvalidDefinition(
+                f"{at}: a YAML {kind} is not a JSON value (quote dates; binary and sets are not accepted)",
+                problems=[f"{at}: {kind} is not a JSON type"],
+            )
+
+
 def parse(raw: bytes, content_type: str | None) -> Any:
-    """JSON or YAML (by ``Content-Type``; YAML is a superset, so anything else tries YAML)."""
+    """JSON or YAML (by ``Content-Type``; YAML is a superset, so anything else tries YAML).
+
+    Either way the result is plain JSON data that :func:`opscore.inputs.check_json` accepts,
+    or the client gets a 422 naming the problem.
+    """
+    if len(raw) > MAX_DEFINITION_BYTES:
+        raise InvalidDefinition(
+            f"a workflow definition may be at most {MAX_DEFINITION_BYTES} bytes; this one is {len(raw)}",
+            problems=[f"size: {len(raw)} bytes, at most {MAX_DEFINITION_BYTES}"],
+        )
     kind = (content_type or "").split(";")[0].strip().lower()
     try:
+        body: Any = None
+        parsed = False
         if kind in ("application/json", "") or kind.endswith("+json"):
             try:
-                return json.loads(raw)
+                body, parsed = json.loads(raw), True
             except ValueError:
                 if kind:
                     raise
-        return yaml.safe_load(raw)
-    except (ValueError, yaml.YAMLError) as exc:
+        if not parsed:
+            body = yaml.load(raw, Loader=_JsonYaml)
+    except (ValueError, RecursionError, yaml.YAMLError) as exc:
         raise InvalidDefinition(
             f"the definition is neither valid JSON nor valid YAML: {exc}", problems=[f"unparseable: {exc}"]
         ) from exc
+    _json_types(body)
+    check_json(body, "definition")
+    return body
 
 
 def _text(value: Any) -> str | None:
@@ -96,6 +158,14 @@ def normalise(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_id(text: str) -> bool:
+    try:
+        check_id(text)
+    except InvalidId:
+        return False
+    return True
+
+
 def validate(body: Any, *, default_timeout: float) -> Definition:
     """A :class:`Definition`, or ``InvalidDefinition`` whose ``problems`` lists every fault."""
     problems: list[str] = []
@@ -106,8 +176,8 @@ def validate(body: Any, *, default_timeout: float) -> Definition:
     version = _text(body.get("version"))
     if definition_id is None:
         problems.append("id: required, a non-empty string")
-    elif "/" in definition_id or len(definition_id) > 200:
-        problems.append("id: at most 200 characters and no '/'")
+    elif len(definition_id) > 200 or not _is_id(definition_id):
+        problems.append("id: at most 200 characters, no '/' and no control characters")
     if version is None:
         problems.append("version: required, a non-empty string")
     name = body.get("name", definition_id)
@@ -151,8 +221,8 @@ def _task(raw: Any, index: int, problems: list[str], default_timeout: float) -> 
     if not isinstance(task_id, str) or not task_id.strip():
         problems.append(f"{where}.taskId: required, a non-empty string")
         task_id = None
-    elif ":" in task_id or "/" in task_id or len(task_id) > 200:
-        problems.append(f"{where}.taskId: at most 200 characters, no ':' or '/'")
+    elif ":" in task_id or len(task_id) > 200 or not _is_id(task_id):
+        problems.append(f"{where}.taskId: at most 200 characters, no ':', '/' or control characters")
     else:
         where = f"task {task_id!r}"
     name = raw.get("name", task_id)

@@ -85,6 +85,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opscore.audit import is_transition
 from opscore.engine import Context, Engine, _KeyedLocks
 from opscore.errors import IllegalTransition, NotFound, PreconditionFailed, RevisionConflict, UnknownTrigger
 from opscore.models import Entity, EntityQuery, Timer
@@ -678,7 +679,9 @@ class Runs:
         if record.get("entityType") != AGENT or record.get("outcome") != "applied":
             return
         if record.get("dest") == "idle":
-            self.agent_available.set()
+            self.agent_available.set()  # also when an idle agent's capabilities changed
+        if not is_transition(record):
+            return
         if entity.data.get("opscoreTask") is None:
             return
         self.spawn(self._on_agent(record))

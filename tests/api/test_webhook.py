@@ -29,7 +29,19 @@ def test_register_creates_then_updates_metadata(server: Server) -> None:
         assert again.status_code == 200 and again.json()["created"] is False
         agent = client.get(f"{V1}/agent/w1").json()
         assert (agent["agentName"], agent["capabilities"]) == ("Renamed", ["a", "b"])
-        assert client.get(f"{V1}/agent/w1/audit").json()["items"] == []  # registration is no transition
+        # the change of metadata is audited; it moves no state and no revision
+        (record,) = client.get(f"{V1}/agent/w1/audit").json()["items"]
+        assert (record["event"], record["source"], record["dest"], record["actor"]) == (
+            "update_metadata",
+            "registered",
+            "registered",
+            "agentkit",
+        )
+        assert record["details"]["changed"] == {
+            "agentName": {"old": "Agent w1", "new": "Renamed"},
+            "capabilities": {"old": ["a"], "new": ["a", "b"]},
+        }
+        assert agent["revision"] == 0
 
 
 def test_register_after_a_state_report_keeps_the_state(server: Server) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.servers import Server
 
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
 
 def at(seconds: int) -> str:

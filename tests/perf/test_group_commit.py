@@ -128,7 +128,7 @@ def test_kill_9_under_load_loses_no_acknowledged_transition(sqlite_url: str, tmp
             state = "idle" if n % 2 else "active"
             body = {
                 "agentId": agent,
-                "timestamp": f"2030-01-01T00:00:{n // 1_000_000:02d}.{n % 1_000_000:06d}+00:00",
+                "timestamp": f"2026-01-01T00:00:{n // 1_000_000:02d}.{n % 1_000_000:06d}+00:00",
                 "state": state,
             }
             try:

@@ -154,7 +154,19 @@ def test_upsert_creates_then_merges_metadata_and_never_resets_state(run_engine: 
         assert not created
         assert entity.state == "active" and entity.revision == 2
         assert entity.data == {"agentName": "A", "capabilities": ["x"], "version": "2"}
-        assert len(await records(engine)) == 2  # registration writes no transition record
+        stored = await records(engine)
+        assert len(stored) == 3  # two transitions, then the metadata change
+        change = stored[-1]
+        assert (change["event"], change["source"], change["dest"], change["outcome"], change["seq"]) == (
+            "update_metadata",
+            "active",
+            "active",
+            "applied",
+            3,
+        )
+        assert change["details"] == {"changed": {"version": {"old": None, "new": "2"}}}
+        same, _ = await engine.upsert("agent", "a", {"version": "2"}, ctx=CTX)
+        assert same.seq == 3 and len(await records(engine)) == 3  # nothing changed: no record
 
     run_engine(scenario)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from opscore import history
@@ -21,6 +21,7 @@ from opscore.api.deps import (
 )
 from opscore.api.schemas import (
     AgentDetails,
+    AgentIdPath,
     AgentPage,
     AgentStateAtView,
     AgentView,
@@ -35,7 +36,7 @@ from opscore.models import Entity, EntityQuery, TransitionResult
 
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
 
-AgentId = Annotated[str, Path(min_length=1, max_length=256, description="the agent's id")]
+AgentId = AgentIdPath
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
 

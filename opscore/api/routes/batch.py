@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from opscore.api.deps import CallerDep, EngineDep, render_result
 from opscore.api.errors import render_error, validation_body
-from opscore.api.schemas import ENTITY_ID, ErrorBody, StateReport, StateReportBatch, StateReportBatchAnswer
+from opscore.api.schemas import EntityId, ErrorBody, StateReport, StateReportBatch, StateReportBatchAnswer
 from opscore.engine import Context, Replay, Report
 from opscore.errors import Invalid, OpsCoreError
 from opscore.models import Entity, TransitionResult
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/opscore", tags=["agents"])
 class BatchedReport(StateReport):
     """A state report of a batch: the agent id is in the body, since there is no path."""
 
-    agentId: str = ENTITY_ID
+    agentId: EntityId
 
 
 def _check_headers(request: Request) -> None:

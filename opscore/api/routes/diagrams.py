@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from opscore import diagrams, history
 from opscore.api.deps import CallerDep, EngineDep, parse_moment
-from opscore.api.schemas import ErrorBody
+from opscore.api.schemas import AgentIdPath, ErrorBody, SessionIdPath, TaskIdPath
 from opscore.engine import Engine
 from opscore.errors import UnknownMachine
 from opscore.machines import MACHINES
@@ -96,7 +96,7 @@ async def machine_diagram(name: str, actor: CallerDep, format: Format = "mermaid
     responses={**DIAGRAM_CONTENT, **ERRORS},
 )
 async def agent_diagram(
-    agent_id: Annotated[str, Path(min_length=1, max_length=256)],
+    agent_id: AgentIdPath,
     engine: EngineDep,
     actor: CallerDep,
     format: Format = "mermaid",
@@ -115,7 +115,7 @@ async def agent_diagram(
     responses={**DIAGRAM_CONTENT, **ERRORS},
 )
 async def workflow_diagram(
-    session_id: Annotated[str, Path(min_length=1, max_length=256)],
+    session_id: SessionIdPath,
     engine: EngineDep,
     actor: CallerDep,
     format: Format = "mermaid",
@@ -133,8 +133,8 @@ async def workflow_diagram(
     responses={**DIAGRAM_CONTENT, **ERRORS},
 )
 async def task_diagram(
-    session_id: Annotated[str, Path(min_length=1, max_length=256)],
-    task_id: Annotated[str, Path(min_length=1, max_length=256)],
+    session_id: SessionIdPath,
+    task_id: TaskIdPath,
     engine: EngineDep,
     actor: CallerDep,
     format: Format = "mermaid",

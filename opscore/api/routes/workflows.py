@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
 from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
-from opscore.api.routes.audit import AuditFiltersDep, audit_page
-from opscore.api.schemas import AuditPage, ErrorBody
+from opscore.api.paging import AuditFiltersDep, audit_page
+from opscore.api.schemas import AgentIdPath, AuditPage, DefinitionIdPath, ErrorBody, SessionIdPath, Wire
 from opscore.engine import Context
 from opscore.errors import Invalid, UnknownEntity
 from opscore.models import Entity, EntityQuery
@@ -21,7 +21,7 @@ from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
 router = APIRouter(prefix="/v1/opscore", tags=["workflows"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
-SessionId = Annotated[str, Path(min_length=1, max_length=256, description="the run's sessionId")]
+SessionId = SessionIdPath
 
 
 def get_runs(request: Request) -> Runs:
@@ -29,7 +29,7 @@ def get_runs(request: Request) -> Runs:
     return runs
 
 
-class StartRequest(BaseModel):
+class StartRequest(Wire):
     """Start a run of a stored definition (by id, optionally version) or of an inline one."""
 
     workflowDefinitionId: str | None = Field(default=None, min_length=1, max_length=200)
@@ -38,7 +38,7 @@ class StartRequest(BaseModel):
     initialPayload: dict[str, Any] = Field(default_factory=dict)
 
 
-class RunTrigger(BaseModel):
+class RunTrigger(Wire):
     trigger: str = Field(min_length=1, max_length=64, description="pause, resume, cancel or retry")
     details: dict[str, Any] | None = None
 
@@ -131,7 +131,7 @@ async def list_definitions(store: StoreDep, actor: CallerDep) -> dict[str, Any]:
 
 @router.get("/workflow-definitions/{definition_id}", summary="One workflow definition", responses=ERRORS)
 async def get_definition(
-    definition_id: Annotated[str, Path(min_length=1, max_length=200)],
+    definition_id: DefinitionIdPath,
     request: Request,
     actor: CallerDep,
     version: Annotated[str | None, Query(description="the latest stored version when absent")] = None,
@@ -151,7 +151,7 @@ async def get_definition(
     responses=ERRORS,
 )
 async def start_workflow(
-    agent_id: Annotated[str, Path(min_length=1, max_length=256)],
+    agent_id: AgentIdPath,
     body: StartRequest,
     request: Request,
     ctx: ContextDep,
@@ -246,12 +246,10 @@ async def run_audit(
     store: StoreDep,
     actor: CallerDep,
     filters: AuditFiltersDep,
-) -> dict[str, Any]:
+) -> Response:
     """The run's records and its tasks' records, interleaved in `id` order."""
     run = await store.get(WORKFLOW, session_id)
     if run is None:
         raise UnknownEntity(WORKFLOW, session_id)
     ids = (session_id, *(task_entity_id(session_id, t) for t in run.data.get("taskIds", [])))
-    page = await audit_page(store, filters, entity_ids=ids)
-    page["items"] = [r for r in page["items"] if r["entityType"] in (WORKFLOW, TASK)]
-    return page
+    return await audit_page(store, filters, entity_ids=ids, entity_types=(WORKFLOW, TASK))
