@@ -108,8 +108,10 @@ async def context(request: Request, actor: CallerDep) -> Context:
         if not 1 <= len(idempotency_key) <= 255:
             raise Invalid("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
         body = await request.body()
+        # If-Match is part of what was asked: the same body at another revision is another request
+        precondition = (if_match or "").encode("latin-1", "replace")
         fingerprint = hashlib.sha256(
-            request.method.encode() + b" " + request.url.path.encode() + b"\n" + body
+            request.method.encode() + b" " + request.url.path.encode() + b"\n" + precondition + b"\n" + body
         ).hexdigest()
         idem = Idempotency(actor, idempotency_key, fingerprint, request.app.state.render, render_error)
     request_id = request.scope.get("opscore.request_id")
