@@ -10,6 +10,7 @@ has to persist the result.
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,9 @@ from opscore import audit
 from opscore.errors import RevisionConflict, UnknownEntity
 from opscore.fastcopy import replacer
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+
+WRITE_ERROR_WINDOW = 10.0
+"""Seconds a failed write keeps a store from being ready (unless a write succeeds sooner)."""
 
 IDEMPOTENCY_TTL = 48 * 3600.0
 """Seconds an ``Idempotency-Key`` answer is kept (DESIGN §5 asks for at least 24 h)."""
@@ -128,6 +132,28 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise ``Unavailable`` when the backend cannot be reached."""
+
+    last_write_error: str | None = None
+    """Why the latest write failed, while no write has succeeded since (``None``: writes work)."""
+    last_write_error_at = 0.0
+    """``time.monotonic()`` of that failure."""
+
+    def write_failed(self, error: str) -> None:
+        self.last_write_error, self.last_write_error_at = error, time.monotonic()
+
+    def recent_write_error(self, window: float = WRITE_ERROR_WINDOW) -> str | None:
+        """Why writes fail, if the latest one failed less than ``window`` seconds ago.
+
+        The window lets a store that was taken out of traffic (not ready) come back: once it
+        has passed, readiness is decided by a fresh probe write again.
+        """
+        if self.last_write_error is not None and time.monotonic() - self.last_write_error_at < window:
+            return self.last_write_error
+        return None
+
+    async def probe_write(self) -> None:
+        """Commit a write that changes nothing (a full disk, a read-only replica fail it); raise ``Unavailable``."""
+        await self.ping()
 
     @abc.abstractmethod
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:

@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,6 +146,8 @@ MIGRATIONS: dict[int, list[str]] = {
 
 VERIFY_CHUNK = 5000
 
+log = logging.getLogger("opscore.storage")
+
 # pg_advisory_xact_lock(int, int): a fixed first key for Ops-Core migrations, the schema's
 # name hashed into the second, so replicas of one deployment queue and other schemas don't.
 _MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(1869640563, hashtext(current_schema()))"
@@ -154,7 +158,8 @@ _SELECT_ENTITY = f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s 
 # and recordedAt grow with its seq even when replicas race. One round trip for all three.
 _LOCK_ENTITY = (
     f"WITH locked AS MATERIALIZED ({_SELECT_ENTITY} FOR UPDATE) "
-    "SELECT locked.*, CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp() FROM locked"
+    "SELECT locked.*, CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text "
+    "FROM locked"
 )
 _INSERT_ENTITY = (
     f"INSERT INTO entities ({ENTITY_COLUMNS}, capabilities) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
@@ -168,8 +173,19 @@ _INSERT_AUDIT = (
     "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (%s,%s,%s,%s,%s,%s,%s)"
 )
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
-_NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp()"
+_NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text"
+OUTCOME_WAIT_SECONDS = 10.0
+"""How long a write whose COMMIT lost its connection waits to learn whether it committed."""
 _CLAIMED_COLUMNS = ", ".join("t." + c for c in TIMER_COLUMNS.split(", "))
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one write knows about its transaction, to find out its fate if COMMIT loses the connection."""
+
+    backend_pid: int | None = None
+    xid: str | None = None
+    result: Committed | None = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -388,24 +404,89 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             await conn.execute("SELECT 1")
 
+    async def probe_write(self) -> None:
+        """A committed write (``UPDATE schema_version`` to itself): a read-only or failed-over primary refuses it."""
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute("UPDATE schema_version SET version = version")
+        except StorageError as exc:
+            self.write_failed(exc.detail)
+            raise Unavailable(f"PostgreSQL cannot commit: {exc.detail}") from exc
+
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
         async with self._connection() as conn:
             row = await (await conn.execute(_SELECT_ENTITY, (entity_type, entity_id))).fetchone()
         return None if row is None else entity_from_row(row)
 
     async def apply(self, change: Change) -> Committed:
-        """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT."""
-        async with self._connection() as conn:
-            try:
-                async with conn.transaction():
-                    return await self._apply(conn, change)
-            except pg_errors.UniqueViolation as exc:
-                if exc.diag.constraint_name == "idempotency_pkey":
-                    raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
-                # audit_chain cannot be violated under the row lock; if it were, retry from a fresh read
-                raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} moved: {exc}") from exc
+        """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT.
 
-    async def _apply(self, conn: psycopg.AsyncConnection[tuple[Any, ...]], change: Change) -> Committed:
+        When the connection breaks after COMMIT was sent, the write may or may not have
+        committed, and a caller told "503, try again" would apply it twice. So the answer is
+        found out first (:meth:`_settle`): committed → the normal answer; not committed → 503.
+        """
+        attempt = _Attempt()
+        try:
+            async with self._connection() as conn:
+                attempt.backend_pid = conn.info.backend_pid
+                try:
+                    async with conn.transaction():
+                        attempt.result = await self._apply(conn, change, attempt)
+                    self.last_write_error = None
+                    return attempt.result
+                except pg_errors.UniqueViolation as exc:
+                    if exc.diag.constraint_name == "idempotency_pkey":
+                        raise Conflict(
+                            "this Idempotency-Key is already in use", code="idempotency_key_in_use"
+                        ) from exc
+                    # audit_chain cannot be violated under the row lock; if it were, retry from a fresh read
+                    raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} moved: {exc}") from exc
+        except (Unavailable, StorageError) as exc:
+            if isinstance(exc, Unavailable) and attempt.result is not None and attempt.xid is not None:
+                if await self._settle(attempt):
+                    self.last_write_error = None
+                    return attempt.result
+            # else it broke before COMMIT was sent: nothing of it can have committed
+            self.write_failed(exc.detail)
+            raise
+
+    async def _settle(self, attempt: _Attempt) -> bool:
+        """Whether the transaction whose COMMIT lost its connection committed, found out for sure.
+
+        ``pg_xact_status`` on another connection tells committed or aborted; while it still
+        says "in progress" (the server has not noticed the broken connection), its backend is
+        terminated, which settles it one way or the other. If the database cannot be asked,
+        the outcome stays unknown and the caller is told so (503 ``commit_outcome_unknown``).
+        """
+        deadline = asyncio.get_running_loop().time() + OUTCOME_WAIT_SECONDS
+        terminated = False
+        try:
+            while True:
+                async with self._connection() as conn:
+                    row = await (await conn.execute("SELECT pg_xact_status(%s::xid8)", (attempt.xid,))).fetchone()
+                    status = None if row is None else row[0]
+                    if status == "committed":
+                        log.warning("a COMMIT lost its connection but had committed", extra={"xid": attempt.xid})
+                        return True
+                    if status != "in progress":
+                        return False  # aborted (or so old it is forgotten, which means it never committed)
+                    if not terminated and attempt.backend_pid is not None:
+                        await conn.execute("SELECT pg_terminate_backend(%s)", (attempt.backend_pid,))
+                        terminated = True
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        except Unavailable:
+            pass
+        raise Unavailable(
+            "the connection to PostgreSQL broke during COMMIT and whether the change was committed could "
+            "not be found out; retry with the same Idempotency-Key, or read the entity before retrying",
+            code="commit_outcome_unknown",
+        )
+
+    async def _apply(
+        self, conn: psycopg.AsyncConnection[tuple[Any, ...]], change: Change, attempt: _Attempt
+    ) -> Committed:
         key = (change.entity_type, change.entity_id)
         wants_id = change.record is not None
         for _ in range(8):
@@ -415,9 +496,9 @@ class PostgresStore(Store):
                     raise UnknownEntity(change.entity_type, change.entity_id)
                 ids = await (await conn.execute(_NEXT_RECORD, (wants_id,))).fetchone()
                 assert ids is not None
-                current, (record_id, clock) = None, ids
+                current, (record_id, clock, attempt.xid) = None, ids
             else:
-                current, record_id, clock = entity_from_row(row), row[-2], row[-1]
+                current, record_id, clock, attempt.xid = entity_from_row(row), row[-3], row[-2], row[-1]
             now = _utc_text(clock)
             new, record, created = next_entity(current, change, now=now, record_id=record_id)
             if not created:

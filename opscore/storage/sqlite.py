@@ -419,11 +419,15 @@ class SQLiteStore(Store):
                 conn.execute("ROLLBACK")
             self._next_id = first_id
             self._failure = StorageError(f"the SQLite commit failed: {exc}")
+            if writes:
+                self.write_failed(str(exc))
             log.error("SQLite transaction failed", extra={"jobs": len(batch), "error": repr(exc)})
             return None
         if len(self._cache) + len(staged) > self.cache_size:
             self._cache.clear()
         self._cache.update(staged)
+        if writes and staged:  # entities were written: a real change committed (a timer claim proves little)
+            self.last_write_error = None
         self.batches += 1
         self.batched += len(batch)
         return outcomes
@@ -496,6 +500,17 @@ class SQLiteStore(Store):
             await self._read(lambda c: c.execute("SELECT 1").fetchone())
         except (sqlite3.Error, OSError) as exc:
             raise Unavailable(f"SQLite is unreachable: {exc}") from exc
+
+    async def probe_write(self) -> None:
+        """A real commit through the writer (``UPDATE schema_version`` to itself): a full disk fails it."""
+
+        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> None:
+            conn.execute("UPDATE schema_version SET version = version")
+
+        try:
+            await self._submit(job, writes=True)
+        except StorageError as exc:
+            raise Unavailable(f"SQLite cannot commit: {self.last_write_error or exc.detail}") from exc
 
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
         key = (entity_type, entity_id)
