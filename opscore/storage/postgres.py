@@ -436,16 +436,15 @@ class PostgresStore(Store):
                     return attempt.result
                 except pg_errors.UniqueViolation as exc:
                     if exc.diag.constraint_name == "idempotency_pkey":
-                        raise Conflict(
-                            "this Idempotency-Key is already in use", code="idempotency_key_in_use"
-                        ) from exc
+                        raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
                     # audit_chain cannot be violated under the row lock; if it were, retry from a fresh read
                     raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} moved: {exc}") from exc
         except (Unavailable, StorageError) as exc:
-            if isinstance(exc, Unavailable) and attempt.result is not None and attempt.xid is not None:
-                if await self._settle(attempt):
-                    self.last_write_error = None
-                    return attempt.result
+            sent = attempt.result is not None and attempt.xid is not None  # COMMIT went out
+            if isinstance(exc, Unavailable) and sent and await self._settle(attempt):
+                self.last_write_error = None
+                assert attempt.result is not None
+                return attempt.result
             # else it broke before COMMIT was sent: nothing of it can have committed
             self.write_failed(exc.detail)
             raise

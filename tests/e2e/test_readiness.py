@@ -22,12 +22,12 @@ def fill(client: httpx.Client, prefix: str, start: int) -> tuple[int, int]:
     """Send batches of first reports (new agents: new pages) until one fails; (sent, status)."""
     base = datetime.now(UTC) - timedelta(minutes=5)
     for n in range(start, start + 400):
-        reports = [
-            {"agentId": f"{prefix}-{n}-{i}", "timestamp": (base + timedelta(microseconds=n)).isoformat(), "state": "idle"}
-            for i in range(200)
-        ]
+        stamp = (base + timedelta(microseconds=n)).isoformat()
+        reports = [{"agentId": f"{prefix}-{n}-{i}", "timestamp": stamp, "state": "idle"} for i in range(200)]
         answer = client.post("/v1/opscore/state-reports", json={"reports": reports})
-        statuses = {r["status"] for r in answer.json()["results"]} if answer.status_code == 200 else {answer.status_code}
+        if answer.status_code != 200:
+            return n, answer.status_code
+        statuses = {r["status"] for r in answer.json()["results"]}
         if statuses != {200}:
             return n, max(statuses)
     raise AssertionError("the size limit never made a write fail")
