@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from opscore.api.deps import CallerDep, StoreDep
 from opscore.api.paging import AuditFiltersDep, audit_page
 from opscore.api.schemas import AgentIdPath, AuditPage, ErrorBody, VerifyAnswer
+from opscore.audit import Verification
 from opscore.errors import UnknownEntity
+from opscore.singleflight import SingleFlight
 
 router = APIRouter(prefix="/v1/opscore", tags=["audit"])
 
@@ -42,7 +44,13 @@ async def all_audit(
 
 
 @router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=ERRORS)
-async def verify(store: StoreDep, actor: CallerDep) -> dict[str, Any]:
-    """Checks every record's hash, every `prevHash` link, gap-free `seq` and each entity's stored head."""
-    result = await store.verify()
+async def verify(request: Request, store: StoreDep, actor: CallerDep) -> dict[str, Any]:
+    """Checks every record's hash, every `prevHash` link, gap-free `seq` and each entity's stored head.
+
+    One verification runs at a time: callers arriving while one runs share its answer.
+    """
+    flight: SingleFlight[Verification] | None = getattr(request.app.state, "verification", None)
+    if flight is None:
+        flight = request.app.state.verification = SingleFlight()
+    result = await flight.run(store.verify)
     return result.to_dict()

@@ -9,15 +9,13 @@ arriving within a second, so probing cannot become a load of its own.
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from opscore import __version__
 from opscore.api.deps import StoreDep
 from opscore.errors import OpsCoreError
+from opscore.singleflight import SingleFlight
 from opscore.storage.base import Store
 
 router = APIRouter(tags=["health"])
@@ -45,37 +43,21 @@ async def health(store: StoreDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__, "store": store.backend})
 
 
-class _Probe:
-    """One write probe at a time; its outcome reused for :data:`PROBE_SECONDS`."""
-
-    def __init__(self) -> None:
-        self.at = 0.0
-        self.error: str | None = None
-        self.running: asyncio.Task[None] | None = None
-
-    async def check(self, store: Store) -> str | None:
-        if time.monotonic() - self.at > PROBE_SECONDS:
-            if self.running is None or self.running.done():
-                self.running = asyncio.get_running_loop().create_task(self._run(store))
-            await asyncio.shield(self.running)
-        return self.error
-
-    async def _run(self, store: Store) -> None:
-        try:
-            await store.probe_write()
-            self.error = None
-        except OpsCoreError as exc:
-            self.error = exc.detail
-        self.at = time.monotonic()
-
-
 @router.get("/ready", summary="Readiness: a write commits now (for load balancers)")
 async def ready(request: Request, store: StoreDep) -> JSONResponse:
     """200 `{"status": "ready"}` when a write that changes nothing commits; 503 `storage_not_writable` otherwise."""
-    probe: _Probe | None = getattr(request.app.state, "write_probe", None)
+    probe: SingleFlight[str | None] | None = getattr(request.app.state, "write_probe", None)
     if probe is None:
-        probe = request.app.state.write_probe = _Probe()
-    error = store.recent_write_error() or await probe.check(store)
+        probe = request.app.state.write_probe = SingleFlight(reuse=PROBE_SECONDS)
+
+    async def write() -> str | None:
+        try:
+            await store.probe_write()
+        except OpsCoreError as exc:
+            return exc.detail
+        return None
+
+    error = store.recent_write_error() or await probe.run(write)
     if error is not None:
         return _unavailable(store, error, "storage_not_writable")
     return JSONResponse({"status": "ready", "version": __version__, "store": store.backend})

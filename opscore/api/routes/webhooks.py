@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from pydantic import ValidationError
 
 from opscore.agentkit import check_signature
 from opscore.api.deps import EngineDep, SettingsDep, StoreDep
+from opscore.api.errors import validation_body
+from opscore.api.responses import JsonAnswer
 from opscore.api.routes.agents import agent_metadata, agent_view
 from opscore.api.schemas import ErrorBody, WebhookEvent
 from opscore.engine import Context
@@ -42,7 +45,7 @@ async def notify(
     x_agentkit_signature: Annotated[
         str | None, Header(description="hex HMAC-SHA256 of timestamp + '.' + raw body")
     ] = None,
-) -> dict[str, Any]:
+) -> JsonAnswer:
     """REGISTER creates the agent or updates its metadata (never its state); DEREGISTER fires `deregister`.
 
     401 for a missing, wrong, stale (±300 s) or replayed signature.
@@ -56,15 +59,21 @@ async def notify(
     if not await store.remember_signature(signature, sent, window):
         raise Unauthorized("this signature was already used: replay refused", code="replayed")
     try:
-        event = WebhookEvent.model_validate_json(raw)
+        # Python's parser first, as for every other body, so that opscore.inputs sees what it
+        # accepts (NaN, lone surrogates) and names the problem, instead of a parser message.
+        event = WebhookEvent.model_validate(json.loads(raw))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise Invalid(f"invalid webhook body: {problems}") from exc
+        refusal = validation_body(exc.errors())
+        raise Invalid(
+            refusal["detail"].replace("invalid request", "invalid webhook body", 1), code=refusal["code"]
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # after ValidationError, which is a ValueError too
+        raise Invalid(f"invalid webhook body: not JSON: {exc}", code="validation_error") from exc
     ctx = Context(actor=ACTOR, request_id=request.scope.get("opscore.request_id"))
     agent_id = event.agent_details.agentId
     if event.event_type == "REGISTER":
         entity, created = await engine.upsert("agent", agent_id, agent_metadata(event.agent_details), ctx=ctx)
-        return {"status": "success", "event": "REGISTER", "created": created, "agent": agent_view(entity)}
+        return JsonAnswer({"status": "success", "event": "REGISTER", "created": created, "agent": agent_view(entity)})
     await engine.get("agent", agent_id)
     await engine.report("agent", agent_id, "deregistered", ctx=ctx)
-    return {"status": "success", "event": "DEREGISTER", "agentId": agent_id, "state": "deregistered"}
+    return JsonAnswer({"status": "success", "event": "DEREGISTER", "agentId": agent_id, "state": "deregistered"})

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import Field
 
 from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
 from opscore.api.paging import AuditFiltersDep, audit_page
+from opscore.api.responses import JsonAnswer
 from opscore.api.schemas import AgentIdPath, AuditPage, DefinitionIdPath, ErrorBody, SessionIdPath, Wire
 from opscore.engine import Context
 from opscore.errors import Invalid, UnknownEntity
@@ -116,17 +117,17 @@ async def run_view(store: Store, run: Entity) -> dict[str, Any]:
         }
     },
 )
-async def publish_definition(request: Request, actor: CallerDep) -> JSONResponse:
+async def publish_definition(request: Request, actor: CallerDep) -> JsonAnswer:
     """Validated on upload (422 lists every problem). id+version is immutable: the same body → 200, another → 409."""
     body = parse(await request.body(), request.headers.get("content-type"))
     definition, created = await get_runs(request).publish(body)
-    return JSONResponse(definition.body, status_code=201 if created else 200)
+    return JsonAnswer(definition.body, status_code=201 if created else 200)
 
 
 @router.get("/workflow-definitions", summary="Every stored workflow definition", responses=ERRORS)
-async def list_definitions(store: StoreDep, actor: CallerDep) -> dict[str, Any]:
+async def list_definitions(store: StoreDep, actor: CallerDep) -> JsonAnswer:
     """`{"items": [definition, ...]}`, oldest first."""
-    return {"items": await store.list_definitions()}
+    return JsonAnswer({"items": await store.list_definitions()})
 
 
 @router.get("/workflow-definitions/{definition_id}", summary="One workflow definition", responses=ERRORS)
@@ -135,10 +136,10 @@ async def get_definition(
     request: Request,
     actor: CallerDep,
     version: Annotated[str | None, Query(description="the latest stored version when absent")] = None,
-) -> dict[str, Any]:
+) -> JsonAnswer:
     """The stored body of `definition_id` (a given `version`, or the one stored last)."""
     definition = await get_runs(request).definition(definition_id, version)
-    return definition.body
+    return JsonAnswer(definition.body)
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ async def start_workflow(
     body: StartRequest,
     request: Request,
     ctx: ContextDep,
-) -> JSONResponse:
+) -> JsonAnswer:
     """202 `{"sessionId", "workflowId", "state"}`; the first task is dispatched (or waits for an agent).
 
     404 `unknown_agent` when the triggering agent is unknown (only a state report registers one).
@@ -170,7 +171,7 @@ async def start_workflow(
         assert body.workflowDefinitionId is not None
         definition = await runs.definition(body.workflowDefinitionId, body.version)
     run = await runs.start(definition, agent_id=agent_id, payload=body.initialPayload, ctx=Context(actor=ctx.actor))
-    return JSONResponse(
+    return JsonAnswer(
         {
             "sessionId": run.entity_id,
             "workflowId": definition.definition_id,
@@ -190,7 +191,7 @@ async def list_runs(
     agentId: Annotated[str | None, Query(description="only runs started by this agent")] = None,  # noqa: N803
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
-) -> dict[str, Any]:
+) -> JsonAnswer:
     """Runs ordered by sessionId, one page at a time."""
     after = decode_cursor(cursor)
     if after is not None and not isinstance(after, str):
@@ -211,28 +212,30 @@ async def list_runs(
         if more or len(page) < 500:
             break
         after = page[-1].entity_id
-    return {
-        "items": [run_summary(r) for r in found],
-        "nextCursor": encode_cursor(found[-1].entity_id) if more else None,
-    }
+    return JsonAnswer(
+        {
+            "items": [run_summary(r) for r in found],
+            "nextCursor": encode_cursor(found[-1].entity_id) if more else None,
+        }
+    )
 
 
 @router.get("/workflows/{session_id}", summary="One run, its tasks, attempts and results", responses=ERRORS)
-async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> JSONResponse:
+async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> JsonAnswer:
     """The run's state and, per task: state, agent, attempts (with errors), result."""
     run = await store.get(WORKFLOW, session_id)
     if run is None:
         raise UnknownEntity(WORKFLOW, session_id)
-    return JSONResponse(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
+    return JsonAnswer(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
 
 
 @router.post("/workflows/{session_id}/transitions", summary="pause, resume, cancel or retry a run", responses=ERRORS)
 async def run_transition(
     session_id: SessionId, body: RunTrigger, request: Request, store: StoreDep, ctx: ContextDep
-) -> JSONResponse:
+) -> JsonAnswer:
     """409 `illegal_transition` (and a rejected audit record) when the trigger is illegal in the run's state."""
     run = await get_runs(request).operate(session_id, body.trigger, ctx, body.details)
-    return JSONResponse(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
+    return JsonAnswer(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
 
 
 @router.get(
