@@ -14,6 +14,7 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     │   ├── InvalidDefinition     invalid_definition (every problem listed)
     │   ├── IdempotencyKeyReused  idempotency_key_reused
     │   ├── TimestampInFuture     timestamp_in_future (recorded as a rejection; DESIGN §3)
+    │   ├── InvalidTimestamp      invalid_timestamp
     │   └── UnacceptableInput     client data no JSON output could hold again (opscore.inputs)
     │       ├── NestedTooDeep     too_deep
     │       ├── NonFiniteNumber   non_finite_number  (NaN, ±Infinity, 1e400)
@@ -24,6 +25,7 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     │   ├── IllegalTransition     illegal_transition (from, to, allowed)
     │   ├── StaleReport           stale_report
     │   └── Conflict              conflict
+    │       └── IdempotencyKeyInUse   idempotency_key_in_use (another request with this key is being applied)
     ├── PreconditionFailed        412 revision_mismatch (If-Match did not hold)
     ├── RevisionConflict          the store's compare-and-set lost; the engine retries it
     ├── Unauthorized              401
@@ -104,6 +106,10 @@ class TimestampInFuture(Invalid):
     code = "timestamp_in_future"
 
 
+class InvalidTimestamp(Invalid):
+    code = "invalid_timestamp"
+
+
 class UnacceptableInput(Invalid):
     """Client data that no JSON output could hold again (see :mod:`opscore.inputs`)."""
 
@@ -151,6 +157,10 @@ class StaleReport(_FromTo):
 
 class Conflict(Refused):
     code = "conflict"
+
+
+class IdempotencyKeyInUse(Conflict):
+    code = "idempotency_key_in_use"
 
 
 class PreconditionFailed(OpsCoreError):

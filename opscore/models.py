@@ -1,4 +1,10 @@
-"""Frozen values of the domain, shared by the engine, the stores and the API.
+"""Values of the domain, shared by the engine, the stores and the API.
+
+They are never changed once built (``dataclasses.replace`` makes a changed copy). The four
+made for every transition (:class:`Entity`, :class:`Change`, :class:`Committed`,
+:class:`TransitionResult`) are plain slotted dataclasses rather than frozen ones: a frozen
+``__init__`` stores each field through ``object.__setattr__`` and costs several times as much
+(``docs/performance.md``); the others stay frozen.
 
 Audit records themselves stay plain dicts: their exact JSON is the contract (DESIGN §4)
 and they are hashed as such, so a dataclass in between would only add a copy.
@@ -9,11 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from opscore.fastcopy import fast_init
 
-
-@fast_init
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entity:
     """One machine instance as stored: an agent, a workflow run or a task.
 
@@ -69,8 +72,7 @@ class Timer:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
-@fast_init
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Change:
     """Everything one request changes, applied by a store in ONE atomic write.
 
@@ -104,8 +106,7 @@ class Change:
     cancel_timers: tuple[str, ...] = ()
 
 
-@fast_init
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Committed:
     """What a store answers for a committed :class:`Change`."""
 
@@ -114,8 +115,7 @@ class Committed:
     created: bool = False
 
 
-@fast_init
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TransitionResult:
     """The engine's answer to a state report or a trigger request."""
 
@@ -128,6 +128,40 @@ class TransitionResult:
     @property
     def audit_id(self) -> int | None:
         return None if self.record is None else int(self.record["id"])
+
+    def answer(self) -> dict[str, Any]:
+        """The answer to the request (DESIGN §5, state report): what a client and a replay get."""
+        entity = self.entity
+        return answer(
+            entity.entity_type,
+            entity.entity_id,
+            entity.state,
+            self.previous_state,
+            self.changed,
+            entity.revision,
+            self.audit_id,
+        )
+
+
+def answer(
+    entity_type: str,
+    entity_id: str,
+    state: str,
+    previous_state: str,
+    changed: bool,
+    revision: int,
+    audit_id: int | None,
+) -> dict[str, Any]:
+    """The answer to an applied transition or a heartbeat: ``{"status": "success", "agentId", ...}``."""
+    return {
+        "status": "success",
+        "agentId" if entity_type == "agent" else "entityId": entity_id,
+        "state": state,
+        "previousState": previous_state,
+        "changed": changed,
+        "revision": revision,
+        "auditId": audit_id,
+    }
 
 
 @dataclass(frozen=True, slots=True)

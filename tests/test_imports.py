@@ -69,8 +69,14 @@ def offenders(imports: list[Import]) -> list[str]:
 def test_the_walk_sees_the_package() -> None:
     names = {module_name(p) for p in MODULES}
     assert {"opscore.engine", "opscore.storage.sqlite", "opscore.api.app", "opscore.cli"} <= names
-    assert any(i.module == "opscore.engine" and i.target == "transitions" for i in ALL)
+    assert any(i.module == "opscore.fsm" and i.target == "transitions" for i in ALL)
     assert any(i.module == "opscore.cli" and i.lazy for i in ALL)
+
+
+def test_only_the_machine_wrapper_and_the_diagrams_import_transitions() -> None:
+    """``transitions`` decides in :mod:`opscore.fsm` and draws in :mod:`opscore.diagrams`; nowhere else."""
+    bad = [i for i in ALL if under(i.target, "transitions") and i.module not in ("opscore.fsm", "opscore.diagrams")]
+    assert not bad, offenders(bad)
 
 
 @pytest.mark.parametrize("forbidden", ["transitions", "opscore.engine", "opscore.api"])

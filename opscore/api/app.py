@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opscore import __version__
 from opscore.api import errors as api_errors
-from opscore.api.deps import document_transition_headers, render_result
+from opscore.api.deps import document_transition_headers
 from opscore.api.routes import agents, audit, batch, diagrams, health, machines, webhooks, workflows
 from opscore.config import Settings
 from opscore.engine import Engine
@@ -170,7 +170,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = conf
         app.state.api_keys = keys
         app.state.engine = engine
-        app.state.render = render_result
         app.state.extensions = {}
         for hook in startup_hooks:
             await hook(app)

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-from opscore.api.errors import render_error
+from opscore.clock import normalise
 from opscore.config import Settings, match_key
-from opscore.engine import Context, Engine, Idempotency, normalise_time
+from opscore.engine import Context, Engine
 from opscore.errors import Invalid, Unauthorized
-from opscore.models import TransitionResult
+from opscore.idempotency import Idempotency
 from opscore.storage.base import Store
 
 
@@ -113,7 +113,7 @@ async def context(request: Request, actor: CallerDep) -> Context:
         fingerprint = hashlib.sha256(
             request.method.encode() + b" " + request.url.path.encode() + b"\n" + precondition + b"\n" + body
         ).hexdigest()
-        idem = Idempotency(actor, idempotency_key, fingerprint, request.app.state.render, render_error)
+        idem = Idempotency(actor, idempotency_key, fingerprint)
     request_id = request.scope.get("opscore.request_id")
     return Context(actor=actor, request_id=request_id, if_match=parse_if_match(if_match), idempotency=idem)
 
@@ -156,20 +156,6 @@ def decode_cursor(cursor: str | None, order: str = "asc") -> Any:
     return position
 
 
-def render_result(result: TransitionResult) -> tuple[int, dict[str, Any]]:
-    """The answer to an applied transition or a heartbeat (DESIGN §5, state report)."""
-    entity = result.entity
-    return 200, {
-        "status": "success",
-        "agentId" if entity.entity_type == "agent" else "entityId": entity.entity_id,
-        "state": entity.state,
-        "previousState": result.previous_state,
-        "changed": result.changed,
-        "revision": entity.revision,
-        "auditId": result.audit_id,
-    }
-
-
 def parse_moment(value: str | None, name: str = "at") -> str | None:
     """An ISO-8601 query time as fixed-width UTC text; 422 ``invalid_time`` when it is not one.
 
@@ -185,7 +171,7 @@ def parse_moment(value: str | None, name: str = "at") -> str | None:
         candidates.append(f"{head}+{tail}")
     for candidate in candidates:
         try:
-            return normalise_time(candidate)
+            return normalise(candidate)
         except Invalid:
             continue
     raise Invalid(f"{name} must be an ISO-8601 time such as 2026-11-23T10:00:00Z, not {value!r}", code="invalid_time")

@@ -17,7 +17,7 @@ from fastapi import Depends, Query
 from fastapi.responses import Response
 
 from opscore.api.deps import decode_cursor, encode_cursor
-from opscore.engine import normalise_time
+from opscore.clock import normalise
 from opscore.errors import Invalid
 from opscore.models import AuditQuery
 from opscore.storage.base import Store
@@ -82,8 +82,8 @@ async def audit_page(
         entity_ids=entity_ids,
         entity_types=entity_types,
         outcome=filters.outcome,
-        since=None if since is None else normalise_time(since),
-        until=None if until is None else normalise_time(until),
+        since=None if since is None else normalise(since),
+        until=None if until is None else normalise(until),
         descending=order == "desc",
         after_id=audit_position(filters.cursor, order),
         limit=limit + 1,

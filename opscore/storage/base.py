@@ -17,7 +17,6 @@ from typing import Any
 
 from opscore import audit
 from opscore.errors import RevisionConflict, UnknownEntity
-from opscore.fastcopy import replacer
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 
 WRITE_ERROR_WINDOW = 10.0
@@ -30,20 +29,6 @@ IDEMPOTENCY_TTL = 48 * 3600.0
 def utc_now() -> str:
     """Now, as the fixed-width UTC ISO-8601 text every stored timestamp uses."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-_moved = replacer(
-    Entity,
-    "state",
-    "revision",
-    "seq",
-    "head_hash",
-    "data",
-    "updated_at",
-    "last_seen_at",
-    "last_report_at",
-    "last_details",
-)
 
 
 def later(a: str | None, b: str | None) -> str | None:
@@ -96,17 +81,19 @@ def next_entity(
     if change.state is not None:
         state, revision = change.state, revision + 1
     data = current.data if change.data is None else {**current.data, **change.data}
-    new = _moved(
-        current,
-        state,
-        revision,
-        seq,
-        head,
-        data,
-        now if (record is not None or change.data is not None or created) else current.updated_at,
-        later(current.last_seen_at, change.seen_at),
-        later(current.last_report_at, change.report_at),
-        change.details if change.details is not None else current.last_details,
+    new = Entity(
+        entity_type=current.entity_type,
+        entity_id=current.entity_id,
+        state=state,
+        revision=revision,
+        seq=seq,
+        head_hash=head,
+        data=data,
+        created_at=current.created_at,
+        updated_at=now if (record is not None or change.data is not None or created) else current.updated_at,
+        last_seen_at=later(current.last_seen_at, change.seen_at),
+        last_report_at=later(current.last_report_at, change.report_at),
+        last_details=change.details if change.details is not None else current.last_details,
     )
     return new, record, created
 

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from opscore import audit
-from opscore.errors import Conflict
+from opscore.errors import Conflict, IdempotencyKeyInUse
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 
@@ -59,7 +59,7 @@ class MemoryStore(Store):
         if change.idempotency is not None:
             ikey = (change.idempotency.scope, change.idempotency.key)
             if ikey in self.idempotency:
-                raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use")
+                raise IdempotencyKeyInUse("this Idempotency-Key is already in use")
         new, record, created = next_entity(
             self.entities.get(key), change, now=utc_now(), record_id=len(self.records) + 1
         )

@@ -54,7 +54,15 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from opscore import audit
-from opscore.errors import Conflict, Invalid, RevisionConflict, StorageError, Unavailable, UnknownEntity
+from opscore.errors import (
+    Conflict,
+    IdempotencyKeyInUse,
+    Invalid,
+    RevisionConflict,
+    StorageError,
+    Unavailable,
+    UnknownEntity,
+)
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
@@ -436,7 +444,7 @@ class PostgresStore(Store):
                     return attempt.result
                 except pg_errors.UniqueViolation as exc:
                     if exc.diag.constraint_name == "idempotency_pkey":
-                        raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
+                        raise IdempotencyKeyInUse("this Idempotency-Key is already in use") from exc
                     # audit_chain cannot be violated under the row lock; if it were, retry from a fresh read
                     raise RevisionConflict(f"{change.entity_type} {change.entity_id!r} moved: {exc}") from exc
         except (Unavailable, StorageError) as exc:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from opscore import audit
-from opscore.errors import Conflict, OpsCoreError, StorageError, Unavailable
+from opscore.errors import Conflict, IdempotencyKeyInUse, OpsCoreError, StorageError, Unavailable
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
@@ -479,7 +479,7 @@ class SQLiteStore(Store):
                     (entry.scope, entry.key, entry.fingerprint, entry.status, json.dumps(entry.body), time.time()),
                 )
             except sqlite3.IntegrityError as exc:
-                raise Conflict("this Idempotency-Key is already in use", code="idempotency_key_in_use") from exc
+                raise IdempotencyKeyInUse("this Idempotency-Key is already in use") from exc
         if change.cancel_timers:
             conn.executemany("DELETE FROM timers WHERE key = ?", [(k,) for k in change.cancel_timers])
         if change.timers:

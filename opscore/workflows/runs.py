@@ -86,8 +86,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opscore.audit import is_transition
-from opscore.engine import Context, Engine, _KeyedLocks
+from opscore.engine import Context, Engine
 from opscore.errors import IllegalTransition, NotFound, PreconditionFailed, RevisionConflict, UnknownTrigger
+from opscore.locks import KeyedLocks
 from opscore.models import Entity, EntityQuery, Timer
 from opscore.storage.base import utc_now
 from opscore.workflows.definitions import Definition, validate
@@ -161,8 +162,8 @@ class Runs:
         self.store = engine.store
         self.agentkit = agentkit
         self.default_timeout = default_timeout
-        self._run_locks = _KeyedLocks()
-        self._agent_locks = _KeyedLocks()
+        self._run_locks = KeyedLocks()
+        self._agent_locks = KeyedLocks()
         self._select = asyncio.Lock()
         self.instance = uuid.uuid4().hex
         """Names this process's claims on agents (see :meth:`_claim_status`)."""

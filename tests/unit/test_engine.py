@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from opscore.api.deps import render_result
 from opscore.api.errors import render_error, status_of
-from opscore.engine import Context, Engine, Idempotency, Replay, normalise_time
+from opscore.clock import normalise as normalise_time
+from opscore.engine import Context, Engine, Idempotency, Replay
 from opscore.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -210,7 +210,7 @@ def test_if_match_mismatch_is_precondition_failed_and_recorded(run_engine: Runne
 
 
 def idem(key: str, fingerprint: str = "fp-1") -> Context:
-    return replace(CTX, idempotency=Idempotency("key:test", key, fingerprint, render_result, render_error))
+    return replace(CTX, idempotency=Idempotency("key:test", key, fingerprint))
 
 
 def test_idempotency_replay_returns_the_first_answer_and_no_second_transition(run_engine: Runner) -> None:
@@ -220,7 +220,7 @@ def test_idempotency_replay_returns_the_first_answer_and_no_second_transition(ru
         second = await engine.report("agent", "a", "idle", ctx=idem("k1"), reported_at=at(0), create=SEED)
         assert isinstance(second, Replay)
         assert second.status == 200
-        assert second.body == render_result(first)[1]
+        assert second.body == first.answer()
         assert second.body["auditId"] == first.audit_id and second.body["changed"] is True
         assert len(await records(engine)) == 1
         assert (await engine.get("agent", "a")).revision == 1

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from opscore.engine import _KeyedLocks
+from opscore.locks import KeyedLocks
 
 
 async def _exclusive_fifo_and_dropped() -> None:
-    locks = _KeyedLocks()
+    locks = KeyedLocks()
     order: list[int] = []
     assert locks.try_acquire("k")
     assert not locks.try_acquire("k")
@@ -28,7 +28,7 @@ async def _exclusive_fifo_and_dropped() -> None:
 
 
 async def _cancelled_waiter_does_not_keep_the_key() -> None:
-    locks = _KeyedLocks()
+    locks = KeyedLocks()
     assert locks.try_acquire("k")
     cancelled = asyncio.create_task(locks.acquire("k"))
     later = asyncio.create_task(locks.acquire("k"))
@@ -42,7 +42,7 @@ async def _cancelled_waiter_does_not_keep_the_key() -> None:
 
 
 async def _cancelled_after_hand_over_passes_it_on() -> None:
-    locks = _KeyedLocks()
+    locks = KeyedLocks()
     assert locks.try_acquire("k")
     first = asyncio.create_task(locks.acquire("k"))
     second = asyncio.create_task(locks.acquire("k"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from opscore.engine import Fsm
 from opscore.errors import IllegalTransition, UnknownTrigger
+from opscore.fsm import Fsm
 from opscore.machines import AGENT, MACHINES, TASK, WORKFLOW, declaration, public_view, transition_rows
 
 # DESIGN §3, copied by hand: the declaration must not drift from the contract.

@@ -15,7 +15,6 @@ from opscore.api.deps import (
     decode_cursor,
     encode_cursor,
     parse_moment,
-    render_result,
 )
 from opscore.api.responses import JsonAnswer
 from opscore.api.schemas import (
@@ -29,8 +28,9 @@ from opscore.api.schemas import (
     StateReportAnswer,
     TriggerRequest,
 )
-from opscore.engine import Context, Engine, Replay
+from opscore.engine import Context, Engine
 from opscore.errors import Invalid
+from opscore.idempotency import Replay
 from opscore.models import Entity, EntityQuery, TransitionResult
 
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
@@ -68,7 +68,7 @@ def answer(result: TransitionResult | Replay) -> JsonAnswer:
     if isinstance(result, Replay):
         status, body = result.status, result.body
     else:
-        status, body = render_result(result)
+        status, body = 200, result.answer()
     revision = body.get("revision")
     headers = {"ETag": f'"{revision}"'} if isinstance(revision, int) else None
     return JsonAnswer(body, status_code=status, headers=headers)

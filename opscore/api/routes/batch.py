@@ -9,11 +9,12 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from opscore.api.deps import CallerDep, EngineDep, render_result
+from opscore.api.deps import CallerDep, EngineDep
 from opscore.api.errors import render_error, validation_body
 from opscore.api.schemas import EntityId, ErrorBody, StateReport, StateReportBatch, StateReportBatchAnswer
-from opscore.engine import Context, Replay, Report
+from opscore.engine import Context, Report
 from opscore.errors import Invalid, OpsCoreError
+from opscore.idempotency import Replay
 from opscore.models import Entity, TransitionResult
 
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
@@ -81,5 +82,5 @@ def _result(answer: TransitionResult | Replay | OpsCoreError) -> dict[str, Any]:
     elif isinstance(answer, Replay):
         status, body = answer.status, answer.body
     else:
-        status, body = render_result(answer)
+        status, body = 200, answer.answer()
     return {"status": status, "body": body}
