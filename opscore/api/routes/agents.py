@@ -19,12 +19,15 @@ from opscore.api.deps import (
     parse_moment,
     render_result,
 )
+from opscore.api.openapi import errors, example
 from opscore.api.schemas import (
+    AGENT_DETAILS_EXAMPLE,
+    STATE_REPORT_EXAMPLE,
+    TRIGGER_EXAMPLE,
     AgentDetails,
     AgentPage,
     AgentStateAtView,
     AgentView,
-    ErrorBody,
     StateReport,
     StateReportAnswer,
     TriggerRequest,
@@ -36,8 +39,6 @@ from opscore.models import Entity, EntityQuery, TransitionResult
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
 
 AgentId = Annotated[str, Path(min_length=1, max_length=256, description="the agent's id")]
-
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
 
 
 def agent_metadata(details: AgentDetails) -> dict[str, Any]:
@@ -96,7 +97,12 @@ async def register(engine: Engine, details: AgentDetails, ctx: Context) -> tuple
     summary="Register an agent, or update a known agent's metadata",
     status_code=201,
     response_model=AgentView,
-    responses={200: {"model": AgentView, "description": "known agent, metadata updated"}, **ERRORS},
+    responses={
+        201: {"description": "registered"},
+        200: {"model": AgentView, "description": "known agent, metadata updated"},
+        **errors(409, 503),
+    },
+    openapi_extra=example(AGENT_DETAILS_EXAMPLE),
 )
 async def register_agent(body: AgentDetails, engine: EngineDep, actor: CallerDep) -> JSONResponse:
     """Body as the webhook's `agent_details`. A known agent keeps its state; only its metadata changes."""
@@ -106,7 +112,7 @@ async def register_agent(body: AgentDetails, engine: EngineDep, actor: CallerDep
     )
 
 
-@router.get("/agents", summary="List agents", response_model=AgentPage, responses=ERRORS)
+@router.get("/agents", summary="List agents", response_model=AgentPage, responses=errors(503))
 async def list_agents(
     store: StoreDep,
     actor: CallerDep,
@@ -130,7 +136,7 @@ async def list_agents(
     }
 
 
-@router.get("/agent/{agent_id}", summary="One agent", response_model=AgentView, responses=ERRORS)
+@router.get("/agent/{agent_id}", summary="One agent", response_model=AgentView, responses=errors(404, 503))
 async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> JSONResponse:
     """Metadata, `state`, `revision` (also the `ETag`) and `lastSeenAt`."""
     entity = await engine.get("agent", agent_id)
@@ -141,7 +147,8 @@ async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> J
     "/agent/{agent_id}/state",
     summary="Report an agent's state (AgentKit SDK)",
     response_model=StateReportAnswer,
-    responses=ERRORS,
+    responses=errors(409, 503),
+    openapi_extra=example(STATE_REPORT_EXAMPLE),
 )
 async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, request: Request) -> JSONResponse:
     """Applies the one declared transition to the reported state; the same state is a heartbeat.
@@ -164,7 +171,7 @@ async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, re
     "/agent/{agent_id}/state",
     summary="An agent's state, now or at any past moment",
     response_model=AgentStateAtView,
-    responses=ERRORS,
+    responses=errors(404, 503),
 )
 async def get_state(
     agent_id: AgentId,
@@ -217,7 +224,8 @@ async def get_state(
     "/agent/{agent_id}/transitions",
     summary="Fire a trigger by name (operators)",
     response_model=StateReportAnswer,
-    responses=ERRORS,
+    responses=errors(404, 409, 503),
+    openapi_extra=example(TRIGGER_EXAMPLE),
 )
 async def fire_trigger(agent_id: AgentId, body: TriggerRequest, engine: EngineDep, ctx: ContextDep) -> JSONResponse:
     """`{"trigger": "recover"}`: 422 for an unknown trigger, 409 when it is illegal from the current state."""

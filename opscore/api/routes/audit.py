@@ -9,15 +9,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Query
 
 from opscore.api.deps import CallerDep, StoreDep, decode_cursor, encode_cursor
-from opscore.api.schemas import AuditPage, ErrorBody, VerifyAnswer
+from opscore.api.openapi import errors
+from opscore.api.schemas import AuditPage, VerifyAnswer
 from opscore.engine import normalise_time
 from opscore.errors import Invalid, UnknownEntity
 from opscore.models import AuditQuery
 from opscore.storage.base import Store
 
 router = APIRouter(prefix="/v1/opscore", tags=["audit"])
-
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 422)}
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="records per page (at most 1000)")]
 Cursor = Annotated[str | None, Query(description="nextCursor of the previous page")]
@@ -84,7 +83,9 @@ async def audit_page(
     return {"items": records, "nextCursor": encode_cursor(records[-1]["id"], order) if more else None}
 
 
-@router.get("/agent/{agent_id}/audit", summary="An agent's audit records", response_model=AuditPage, responses=ERRORS)
+@router.get(
+    "/agent/{agent_id}/audit", summary="An agent's audit records", response_model=AuditPage, responses=errors(404, 503)
+)
 async def agent_audit(
     agent_id: Annotated[str, Path(min_length=1, max_length=256)],
     store: StoreDep,
@@ -102,7 +103,7 @@ async def agent_audit(
     )
 
 
-@router.get("/audit", summary="Audit records of every entity", response_model=AuditPage, responses=ERRORS)
+@router.get("/audit", summary="Audit records of every entity", response_model=AuditPage, responses=errors(503))
 async def all_audit(
     store: StoreDep,
     actor: CallerDep,
@@ -117,7 +118,7 @@ async def all_audit(
     )
 
 
-@router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=ERRORS)
+@router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=errors(503))
 async def verify(store: StoreDep, actor: CallerDep) -> dict[str, Any]:
     """Checks every record's hash, every `prevHash` link, gap-free `seq` and each entity's stored head."""
     result = await store.verify()

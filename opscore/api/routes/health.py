@@ -7,12 +7,18 @@ from fastapi.responses import JSONResponse
 
 from opscore import __version__
 from opscore.api.deps import StoreDep
+from opscore.api.schemas import HealthAnswer, HealthUnavailable
 from opscore.errors import OpsCoreError
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness and storage reachability")
+@router.get(
+    "/health",
+    summary="Liveness and storage reachability",
+    response_model=HealthAnswer,
+    responses={503: {"model": HealthUnavailable, "description": "the store does not answer"}},
+)
 async def health(store: StoreDep) -> JSONResponse:
     """200 `{"status": "ok"}` when the store answers; 503 with `detail` and `code` when it does not."""
     try:

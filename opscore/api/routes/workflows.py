@@ -9,8 +9,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
+from opscore.api.openapi import errors, example, raw_body
 from opscore.api.routes.audit import AuditFiltersDep, audit_page
-from opscore.api.schemas import AuditPage, ErrorBody
+from opscore.api.schemas import (
+    DEFINITION_EXAMPLE,
+    RUN_TRIGGER_EXAMPLE,
+    START_RUN_EXAMPLE,
+    AuditPage,
+    DefinitionList,
+    RunPage,
+    RunStarted,
+    RunView,
+    WorkflowDefinition,
+)
 from opscore.engine import Context
 from opscore.errors import Invalid, UnknownEntity
 from opscore.models import Entity, EntityQuery
@@ -20,7 +31,6 @@ from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
 
 router = APIRouter(prefix="/v1/opscore", tags=["workflows"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
 SessionId = Annotated[str, Path(min_length=1, max_length=256, description="the run's sessionId")]
 
 
@@ -108,13 +118,13 @@ async def run_view(store: Store, run: Entity) -> dict[str, Any]:
     "/workflow-definitions",
     summary="Publish a workflow definition (JSON or YAML)",
     status_code=201,
-    responses={200: {"description": "the same body was already stored"}, **ERRORS},
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": {"type": "object"}}, "application/yaml": {}},
-            "required": True,
-        }
+    response_model=WorkflowDefinition,
+    responses={
+        201: {"description": "stored"},
+        200: {"model": WorkflowDefinition, "description": "the same body was already stored"},
+        **errors(409, 503),
     },
+    openapi_extra=raw_body(WorkflowDefinition, DEFINITION_EXAMPLE, "application/json", "application/yaml"),
 )
 async def publish_definition(request: Request, actor: CallerDep) -> JSONResponse:
     """Validated on upload (422 lists every problem). id+version is immutable: the same body → 200, another → 409."""
@@ -123,13 +133,23 @@ async def publish_definition(request: Request, actor: CallerDep) -> JSONResponse
     return JSONResponse(definition.body, status_code=201 if created else 200)
 
 
-@router.get("/workflow-definitions", summary="Every stored workflow definition", responses=ERRORS)
+@router.get(
+    "/workflow-definitions",
+    summary="Every stored workflow definition",
+    response_model=None,
+    responses={200: {"model": DefinitionList, "description": "Successful Response"}, **errors(503)},
+)
 async def list_definitions(store: StoreDep, actor: CallerDep) -> dict[str, Any]:
     """`{"items": [definition, ...]}`, oldest first."""
     return {"items": await store.list_definitions()}
 
 
-@router.get("/workflow-definitions/{definition_id}", summary="One workflow definition", responses=ERRORS)
+@router.get(
+    "/workflow-definitions/{definition_id}",
+    summary="One workflow definition",
+    response_model=None,
+    responses={200: {"model": WorkflowDefinition, "description": "Successful Response"}, **errors(404, 503)},
+)
 async def get_definition(
     definition_id: Annotated[str, Path(min_length=1, max_length=200)],
     request: Request,
@@ -148,7 +168,9 @@ async def get_definition(
     "/agent/{agent_id}/workflow",
     summary="Start a workflow run",
     status_code=202,
-    responses=ERRORS,
+    response_model=RunStarted,
+    responses=errors(404, 409, 503),
+    openapi_extra=example(START_RUN_EXAMPLE),
 )
 async def start_workflow(
     agent_id: Annotated[str, Path(min_length=1, max_length=256)],
@@ -181,7 +203,12 @@ async def start_workflow(
     )
 
 
-@router.get("/workflows", summary="List workflow runs", responses=ERRORS)
+@router.get(
+    "/workflows",
+    summary="List workflow runs",
+    response_model=None,
+    responses={200: {"model": RunPage, "description": "Successful Response"}, **errors(503)},
+)
 async def list_runs(
     store: StoreDep,
     actor: CallerDep,
@@ -217,7 +244,12 @@ async def list_runs(
     }
 
 
-@router.get("/workflows/{session_id}", summary="One run, its tasks, attempts and results", responses=ERRORS)
+@router.get(
+    "/workflows/{session_id}",
+    summary="One run, its tasks, attempts and results",
+    response_model=RunView,
+    responses=errors(404, 503),
+)
 async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> JSONResponse:
     """The run's state and, per task: state, agent, attempts (with errors), result."""
     run = await store.get(WORKFLOW, session_id)
@@ -226,7 +258,13 @@ async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> J
     return JSONResponse(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
 
 
-@router.post("/workflows/{session_id}/transitions", summary="pause, resume, cancel or retry a run", responses=ERRORS)
+@router.post(
+    "/workflows/{session_id}/transitions",
+    summary="pause, resume, cancel or retry a run",
+    response_model=RunView,
+    responses=errors(404, 409, 503),
+    openapi_extra=example(RUN_TRIGGER_EXAMPLE),
+)
 async def run_transition(
     session_id: SessionId, body: RunTrigger, request: Request, store: StoreDep, ctx: ContextDep
 ) -> JSONResponse:
@@ -239,7 +277,7 @@ async def run_transition(
     "/workflows/{session_id}/audit",
     summary="Audit records of a run and its tasks",
     response_model=AuditPage,
-    responses=ERRORS,
+    responses=errors(404, 503),
 )
 async def run_audit(
     session_id: SessionId,
