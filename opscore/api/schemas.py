@@ -304,7 +304,7 @@ class WorkflowDefinition(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    id: str = Field(min_length=1, max_length=200, pattern=r"^[^/]*\S[^/]*$", description="no '/'")
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[^/]*[^\s/][^/]*$", description="no '/'")
     version: str = Field(min_length=1, pattern=r"\S", description="id + version is immutable once stored")
     name: str | None = Field(default=None, description="default: the id")
     description: str | None = None
@@ -376,6 +376,7 @@ class RunPage(BaseModel):
 
 
 # -- examples: valid requests, shown by /docs and /redoc; tests/api/test_openapi.py sends each ---
+# (no ``None`` in them: FastAPI drops null values when it writes the OpenAPI document)
 
 EXAMPLE_AGENT_ID = "agent-7"
 EXAMPLE_TIME = "2026-11-23T10:00:00Z"
@@ -422,7 +423,6 @@ DEFINITION_EXAMPLE: dict[str, Any] = {
             "name": "Review",
             "agentCapability": "review_text",
             "parameters": {"strict": True},
-            "nextTaskId": None,
         },
     ],
 }
