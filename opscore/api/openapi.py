@@ -16,7 +16,8 @@ cannot say by themselves, from the same facts the server acts on:
   definition may be YAML) are declared with :func:`raw_body` and their models put into
   ``components``; a ``$defs`` left anywhere by a model schema is moved there too;
 - ``minLength: 1`` on ``at``, ``cursor`` and ``If-Match``: the server refuses an empty value
-  of each (422), and the schema says so rather than promising that ``""`` is a value;
+  of each (422), and the schema says so rather than promising that ``""`` is a value
+  (``at`` is a ``date-time`` too, like ``since`` and ``until``);
 - examples for path parameters, so "Try it out" starts from requests that work.
 
 Routes declare the rest themselves: their success model, their request example
@@ -196,6 +197,8 @@ def _complete_parameter(param: dict[str, Any]) -> None:
         for branch in schema.get("anyOf", [schema]):
             if branch.get("type") == "string":
                 branch["minLength"] = 1
+                if name == "at":  # read by deps.parse_moment, which also takes a naive time as UTC
+                    branch["format"] = "date-time"
     if where == "path" and name in PATH_EXAMPLES:
         param.setdefault("example", PATH_EXAMPLES[name])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 ENTITY_ID = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f/]+$")
@@ -304,8 +304,12 @@ class WorkflowDefinition(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    id: str = Field(min_length=1, max_length=200, pattern=r"^[^/]*[^\s/][^/]*$", description="no '/'")
-    version: str = Field(min_length=1, pattern=r"\S", description="id + version is immutable once stored")
+    id: Annotated[str, StringConstraints(max_length=200, pattern=r"^[^/]*[^\s/][^/]*$")] | StrictFloat = Field(
+        union_mode="left_to_right", description="no '/'"
+    )
+    version: Annotated[str, StringConstraints(pattern=r"\S")] | StrictFloat = Field(
+        union_mode="left_to_right", description="id + version is immutable once stored"
+    )
     name: str | None = Field(default=None, description="default: the id")
     description: str | None = None
     tasks: list[TaskDefinition] = Field(min_length=1, max_length=1000)

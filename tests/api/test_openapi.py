@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -407,9 +408,17 @@ def test_the_vendored_assets_are_the_packages_files_with_their_licenses() -> Non
 
 @pytest.mark.slow
 def test_a_wheel_carries_the_assets(tmp_path: Path) -> None:
-    """A non-editable install serves /docs from site-packages: the wheel must hold every asset."""
+    """A non-editable install serves /docs from site-packages: the wheel must hold every asset.
+
+    Built from a copy of the tree: setuptools leaves a ``build/`` directory beside the sources.
+    """
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "opscore", source / "opscore", ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -449,6 +458,12 @@ def _with_task(**changes: Any) -> dict[str, Any]:
         pytest.param(_with_task(agentId="agent-7", agentCapability=None), id="pinned-agent"),
         pytest.param(_with_task(parameters=None, fallbackTaskId=None), id="nulls"),
         pytest.param({**DEFINITION_EXAMPLE, "id": "a/b"}, id="id-slash"),
+        pytest.param({**DEFINITION_EXAMPLE, "id": " "}, id="id-blank"),
+        pytest.param({**DEFINITION_EXAMPLE, "id": "x" * 201}, id="id-too-long"),
+        pytest.param({**DEFINITION_EXAMPLE, "version": 2}, id="version-a-number"),
+        pytest.param({**DEFINITION_EXAMPLE, "version": 1.5, "id": 7}, id="id-a-number"),
+        pytest.param({**DEFINITION_EXAMPLE, "version": True}, id="version-a-bool"),
+        pytest.param({**DEFINITION_EXAMPLE, "version": ""}, id="version-empty"),
         pytest.param({**DEFINITION_EXAMPLE, "tasks": []}, id="no-tasks"),
         pytest.param({**DEFINITION_EXAMPLE, "extra": {"kept": True}}, id="extra-field"),
     ],
