@@ -37,6 +37,12 @@ KNOWN_CSP_BLOCKS = {"https://cdn.redoc.ly/redoc/logo-mini.svg"}
 hides itself on error), so no request leaves the browser. Anything else blocked fails the test."""
 
 
+RECORD_CSP_VIOLATIONS = """
+window.__csp = [];
+document.addEventListener("securitypolicyviolation", (e) => window.__csp.push(e.blockedURI));
+"""
+
+
 def _browser_or_reason() -> str | None:
     """Why the browser tests cannot run here, or ``None`` when they can."""
     if not (os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
@@ -98,10 +104,7 @@ def open_page(browser: Any, server: Server, path: str) -> tuple[Any, Visit]:
             request_route.abort()
 
     page.route("**/*", route)
-    page.add_init_script(
-        "window.__csp = [];"
-        "document.addEventListener('securitypolicyviolation', e => window.__csp.push(e.blockedURI));"
-    )
+    page.add_init_script(RECORD_CSP_VIOLATIONS)
     page.on("pageerror", lambda exc: visit.errors.append(str(exc)))
     page.goto(server.url + path, wait_until="load")
     return page, visit
