@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from opscore import __version__
 from opscore.api import errors as api_errors
+from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
 from opscore.api.routes import agents, audit, batch, diagrams, health, machines, webhooks, workflows
 from opscore.config import Settings
@@ -188,6 +189,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: openapi.install serves ours
+        redoc_url=None,
     )
     startup_hooks: list[Any] = [start_workflows]
     shutdown_hooks: list[Any] = [stop_workflows]
@@ -197,6 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, agents, batch, audit, machines, diagrams, webhooks, workflows):
         document_transition_headers(module.router)
         app.include_router(module.router)
+    openapi.install(app)
     limit = settings.max_body_bytes if settings is not None else Settings.model_fields["max_body_bytes"].default
     app.add_middleware(Guard, max_body_bytes=limit)
     return app

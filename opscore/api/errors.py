@@ -36,7 +36,6 @@ INPUT_CODES = frozenset(cls.code for cls in errors.UnacceptableInput.__subclasse
 """Codes of :mod:`opscore.inputs` refusals, raised inside pydantic validation as error types."""
 
 _HTTP_CODES = {
-    400: "bad_request",
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
@@ -100,8 +99,19 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(validation_body(exc.errors()), status_code=422)
 
 
+UNREADABLE_BODY = {
+    "detail": "invalid request: body: not JSON in UTF-8",
+    "code": "validation_error",
+    "errors": [{"loc": ["body"], "msg": "not JSON in UTF-8", "type": "json_invalid"}],
+}
+"""FastAPI answers 400 when a JSON body does not even decode (bytes that are not UTF-8): a
+body the route cannot read is a validation error like any other, so 422, as invalid JSON is."""
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:  # FastAPI's "There was an error parsing the body", its only 400
+        return JSONResponse(UNREADABLE_BODY, status_code=422)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return JSONResponse(
         {"detail": str(exc.detail), "code": code},

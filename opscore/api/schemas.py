@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from opscore.errors import UnacceptableInput
@@ -201,6 +202,13 @@ class MachineView(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every error answer: ``detail`` for people, ``code`` for programs, and per code a few fields.
+
+    For example ``illegal_transition`` adds ``from``, ``to`` and ``allowed``;
+    ``validation_error`` adds ``errors`` (``loc``, ``msg``, ``type`` each); ``invalid_definition``
+    adds ``problems``; ``unknown_state`` and ``unknown_trigger`` add ``valid``.
+    """
+
     detail: str
     code: str
 
@@ -213,3 +221,234 @@ class AgentStateAtView(AgentStateView):
     asOfRecordId: int | None = Field(default=None, description="id of that record")
     since: str | None = Field(default=None, description="recordedAt of the transition into this state")
     previousState: str | None = Field(default=None, description="the state before that transition")
+
+
+# -- answers without a model until now (each 2xx of /openapi.json has a typed schema) -----------
+
+
+class HealthAnswer(BaseModel):
+    """``GET /health`` while the store answers."""
+
+    status: Literal["ok"]
+    version: str
+    store: str = Field(description="the storage backend: sqlite, postgresql or memory")
+
+
+class HealthUnavailable(ErrorBody):
+    """``GET /health`` (503) while the store does not answer: the error shape plus ``status``/``store``."""
+
+    status: Literal["unavailable"]
+    store: str
+
+
+class ReadyAnswer(BaseModel):
+    """``GET /ready`` while a write commits."""
+
+    status: Literal["ready"]
+    version: str
+    store: str
+
+
+class MachineList(BaseModel):
+    items: list[MachineView]
+
+
+class WebhookRegistered(BaseModel):
+    """A REGISTER webhook: the agent as it now is (a known agent keeps its state)."""
+
+    status: Literal["success"]
+    event: Literal["REGISTER"]
+    created: bool
+    agent: AgentView
+
+
+class WebhookDeregistered(BaseModel):
+    status: Literal["success"]
+    event: Literal["DEREGISTER"]
+    agentId: str
+    state: str
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """Hide the ``None`` default of an optional field whose JSON form is never ``null``."""
+    schema.pop("default", None)
+
+
+class TaskDefinition(BaseModel):
+    """One task of a workflow definition (``opscore/workflows/definitions.py`` validates it).
+
+    ``agentCapability`` picks any idle agent with that capability, ``agentId`` pins one agent;
+    at least one of them is needed. ``nextTaskId`` runs after success, ``fallbackTaskId``
+    after the retries are spent.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    taskId: str = Field(
+        min_length=1, max_length=200, pattern=r"^[^:/]*[^\s:/][^:/]*$", description="unique in the definition"
+    )
+    name: str | SkipJsonSchema[None] = Field(
+        default=None, description="default: the taskId", json_schema_extra=_no_default
+    )
+    agentCapability: str | None = Field(default=None, min_length=1, description="a capability an agent declares")
+    agentId: str | None = Field(default=None, min_length=1, description="run on this agent only")
+    parameters: dict[str, Any] | None = Field(default=None, description="sent to the agent as task_parameters")
+    nextTaskId: str | None = Field(default=None, min_length=1, description="the task after this one succeeds")
+    fallbackTaskId: str | None = Field(
+        default=None, min_length=1, description="the task to run when this one fails for good"
+    )
+    maxRetries: int = Field(default=3, ge=0, le=100, description="attempts after the first failure")
+    timeoutSeconds: float = Field(
+        default=300,
+        gt=0,
+        le=7 * 86400,
+        description="an attempt fails when the agent has not finished by then (default OPSCORE_TASK_TIMEOUT_SECONDS)",
+    )
+    retryBackoffSeconds: float = Field(
+        default=1, ge=0, le=86400, description="wait before a retry, doubled at each further one"
+    )
+
+
+class WorkflowDefinition(BaseModel):
+    """A workflow definition as published (JSON or YAML) and as stored.
+
+    Besides this schema, the tasks must form one chain or tree along `nextTaskId` and
+    `fallbackTaskId`: every reference resolves, exactly one start task (one no other task
+    points to), every task reachable from it, no cycle. A 422 `invalid_definition` lists
+    every problem at once. `id` and `version` may be written as numbers (YAML `version: 1.0`);
+    they are stored as text.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: Annotated[str, StringConstraints(max_length=200, pattern=r"^[^/]*[^\s/][^/]*$")] | StrictFloat = Field(
+        union_mode="left_to_right", description="no '/'"
+    )
+    version: Annotated[str, StringConstraints(pattern=r"\S")] | StrictFloat = Field(
+        union_mode="left_to_right", description="id + version is immutable once stored"
+    )
+    name: str | None = Field(default=None, description="default: the id")
+    description: str | None = None
+    tasks: list[TaskDefinition] = Field(min_length=1, max_length=1000)
+
+
+class DefinitionList(BaseModel):
+    items: list[WorkflowDefinition] = Field(description="oldest first")
+
+
+class RunStarted(BaseModel):
+    sessionId: str
+    workflowId: str
+    version: str
+    state: str
+
+
+class TaskView(BaseModel):
+    """One task of a run: its state and its attempts (``taskEntityId`` is ``<sessionId>:<taskId>``)."""
+
+    taskId: str | None
+    taskEntityId: str
+    name: str | None
+    state: str
+    revision: int
+    agentCapability: str | None
+    agentId: str | None = Field(description="the agent of the current or last attempt")
+    pinnedAgentId: str | None
+    attempt: int
+    failures: int
+    maxRetries: int | None
+    timeoutSeconds: float | None
+    attempts: list[dict[str, Any]] = Field(
+        description='`{"attempt", "agentId", "dispatchedAt", "outcome", "error"}` per attempt'
+    )
+    result: Any = Field(description="what the agent reported on success")
+    error: Any = Field(description="why the last attempt failed")
+    deadlineAt: str | None
+    retryAt: str | None
+    nextTaskId: str | None
+    fallbackTaskId: str | None
+    updatedAt: str
+
+
+class RunSummary(BaseModel):
+    sessionId: str
+    workflowId: str | None
+    workflowVersion: str | None
+    workflowName: str | None
+    state: str
+    revision: int
+    agentId: str | None = Field(description="the agent that started the run")
+    currentTaskId: str | None
+    path: list[str] = Field(description="the task ids in the order the run reached them")
+    reason: str | None
+    createdAt: str
+    updatedAt: str
+
+
+class RunView(RunSummary):
+    initialPayload: dict[str, Any]
+    results: dict[str, Any] = Field(description="each finished task's result, by taskId")
+    tasks: list[TaskView]
+
+
+class RunPage(BaseModel):
+    items: list[RunSummary]
+    nextCursor: str | None
+
+
+# -- examples: valid requests, shown by /docs and /redoc; tests/api/test_openapi.py sends each ---
+# (no ``None`` in them: FastAPI drops null values when it writes the OpenAPI document)
+
+EXAMPLE_AGENT_ID = "agent-7"
+EXAMPLE_TIME = "2026-11-23T10:00:00Z"
+
+AGENT_DETAILS_EXAMPLE: dict[str, Any] = {
+    "agentId": EXAMPLE_AGENT_ID,
+    "agentName": "Summariser",
+    "version": "1.0",
+    "capabilities": ["summarise_text"],
+    "contactEndpoint": "http://127.0.0.1:9000/agent",
+    "metadata": {"team": "docs"},
+}
+WEBHOOK_EXAMPLE: dict[str, Any] = {"event_type": "REGISTER", "agent_details": AGENT_DETAILS_EXAMPLE}
+STATE_REPORT_EXAMPLE: dict[str, Any] = {
+    "agentId": EXAMPLE_AGENT_ID,
+    "timestamp": EXAMPLE_TIME,
+    "state": "idle",
+    "details": {},
+}
+STATE_REPORT_BATCH_EXAMPLE: dict[str, Any] = {
+    "reports": [
+        STATE_REPORT_EXAMPLE,
+        {"agentId": "agent-8", "timestamp": EXAMPLE_TIME, "state": "initializing", "details": {}},
+    ]
+}
+TRIGGER_EXAMPLE: dict[str, Any] = {"trigger": "begin_task", "details": {"note": "asked by an operator"}}
+DEFINITION_EXAMPLE: dict[str, Any] = {
+    "id": "summarise-and-review",
+    "name": "Summarise a document, then review the summary",
+    "description": "Two tasks run one after the other; the second starts when the first succeeds.",
+    "version": "1.0",
+    "tasks": [
+        {
+            "taskId": "summarise",
+            "name": "Summarise",
+            "agentCapability": "summarise_text",
+            "parameters": {"max_words": 120},
+            "nextTaskId": "review",
+            "maxRetries": 2,
+            "timeoutSeconds": 120,
+        },
+        {
+            "taskId": "review",
+            "name": "Review",
+            "agentCapability": "review_text",
+            "parameters": {"strict": True},
+        },
+    ],
+}
+START_RUN_EXAMPLE: dict[str, Any] = {
+    "workflowDefinitionId": "summarise-and-review",
+    "initialPayload": {"document": "Ops-Core keeps a fleet of AI agents honest."},
+}
+RUN_TRIGGER_EXAMPLE: dict[str, Any] = {"trigger": "pause"}

@@ -16,14 +16,17 @@ from opscore.api.deps import (
     encode_cursor,
     parse_moment,
 )
+from opscore.api.openapi import errors, example
 from opscore.api.responses import JsonAnswer
 from opscore.api.schemas import (
+    AGENT_DETAILS_EXAMPLE,
+    STATE_REPORT_EXAMPLE,
+    TRIGGER_EXAMPLE,
     AgentDetails,
     AgentIdPath,
     AgentPage,
     AgentStateAtView,
     AgentView,
-    ErrorBody,
     StateReport,
     StateReportAnswer,
     TriggerRequest,
@@ -36,8 +39,6 @@ from opscore.models import Entity, EntityQuery, TransitionResult
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
 
 AgentId = AgentIdPath
-
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
 
 
 def agent_metadata(details: AgentDetails) -> dict[str, Any]:
@@ -83,7 +84,12 @@ async def register(engine: Engine, details: AgentDetails, ctx: Context) -> tuple
     summary="Register an agent, or update a known agent's metadata",
     status_code=201,
     response_model=AgentView,
-    responses={200: {"model": AgentView, "description": "known agent, metadata updated"}, **ERRORS},
+    responses={
+        201: {"description": "registered"},
+        200: {"model": AgentView, "description": "known agent, metadata updated"},
+        **errors(409, 503),
+    },
+    openapi_extra=example(AGENT_DETAILS_EXAMPLE),
 )
 async def register_agent(body: AgentDetails, engine: EngineDep, actor: CallerDep) -> JsonAnswer:
     """Body as the webhook's `agent_details`. A known agent keeps its state; only its metadata changes."""
@@ -91,7 +97,7 @@ async def register_agent(body: AgentDetails, engine: EngineDep, actor: CallerDep
     return JsonAnswer(agent_view(entity), status_code=201 if created else 200, headers={"ETag": f'"{entity.revision}"'})
 
 
-@router.get("/agents", summary="List agents", response_model=AgentPage, responses=ERRORS)
+@router.get("/agents", summary="List agents", response_model=AgentPage, responses=errors(503))
 async def list_agents(
     store: StoreDep,
     actor: CallerDep,
@@ -117,7 +123,7 @@ async def list_agents(
     )
 
 
-@router.get("/agent/{agent_id}", summary="One agent", response_model=AgentView, responses=ERRORS)
+@router.get("/agent/{agent_id}", summary="One agent", response_model=AgentView, responses=errors(404, 503))
 async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> JsonAnswer:
     """Metadata, `state`, `revision` (also the `ETag`) and `lastSeenAt`."""
     entity = await engine.get("agent", agent_id)
@@ -128,7 +134,8 @@ async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> J
     "/agent/{agent_id}/state",
     summary="Report an agent's state (AgentKit SDK)",
     response_model=StateReportAnswer,
-    responses=ERRORS,
+    responses=errors(409, 503),
+    openapi_extra=example(STATE_REPORT_EXAMPLE),
 )
 async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, request: Request) -> JsonAnswer:
     """Applies the one declared transition to the reported state; the same state is a heartbeat.
@@ -151,7 +158,7 @@ async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, re
     "/agent/{agent_id}/state",
     summary="An agent's state, now or at any past moment",
     response_model=AgentStateAtView,
-    responses=ERRORS,
+    responses=errors(404, 503),
 )
 async def get_state(
     agent_id: AgentId,
@@ -204,7 +211,8 @@ async def get_state(
     "/agent/{agent_id}/transitions",
     summary="Fire a trigger by name (operators)",
     response_model=StateReportAnswer,
-    responses=ERRORS,
+    responses=errors(404, 409, 503),
+    openapi_extra=example(TRIGGER_EXAMPLE),
 )
 async def fire_trigger(agent_id: AgentId, body: TriggerRequest, engine: EngineDep, ctx: ContextDep) -> JsonAnswer:
     """`{"trigger": "recover"}`: 422 for an unknown trigger, 409 when it is illegal from the current state."""

@@ -8,18 +8,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from opscore.api.deps import CallerDep, StoreDep
+from opscore.api.openapi import errors
 from opscore.api.paging import AuditFiltersDep, audit_page
-from opscore.api.schemas import AgentIdPath, AuditPage, ErrorBody, VerifyAnswer
+from opscore.api.schemas import AgentIdPath, AuditPage, VerifyAnswer
 from opscore.audit import Verification
 from opscore.errors import UnknownEntity
 from opscore.singleflight import SingleFlight
 
 router = APIRouter(prefix="/v1/opscore", tags=["audit"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 422)}
 
-
-@router.get("/agent/{agent_id}/audit", summary="An agent's audit records", response_model=AuditPage, responses=ERRORS)
+@router.get(
+    "/agent/{agent_id}/audit", summary="An agent's audit records", response_model=AuditPage, responses=errors(404, 503)
+)
 async def agent_audit(
     agent_id: AgentIdPath,
     store: StoreDep,
@@ -32,7 +33,7 @@ async def agent_audit(
     return await audit_page(store, filters, entity_type="agent", entity_id=agent_id)
 
 
-@router.get("/audit", summary="Audit records of every entity", response_model=AuditPage, responses=ERRORS)
+@router.get("/audit", summary="Audit records of every entity", response_model=AuditPage, responses=errors(503))
 async def all_audit(
     store: StoreDep,
     actor: CallerDep,
@@ -43,7 +44,7 @@ async def all_audit(
     return await audit_page(store, filters, entity_type=entityType)
 
 
-@router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=ERRORS)
+@router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=errors(503))
 async def verify(request: Request, store: StoreDep, actor: CallerDep) -> dict[str, Any]:
     """Checks every record's hash, every `prevHash` link, gap-free `seq` and each entity's stored head.
 

@@ -11,7 +11,14 @@ from pydantic import ValidationError
 
 from opscore.api.deps import CallerDep, EngineDep
 from opscore.api.errors import render_error, validation_body
-from opscore.api.schemas import EntityId, ErrorBody, StateReport, StateReportBatch, StateReportBatchAnswer
+from opscore.api.openapi import errors, example
+from opscore.api.schemas import (
+    STATE_REPORT_BATCH_EXAMPLE,
+    EntityId,
+    StateReport,
+    StateReportBatch,
+    StateReportBatchAnswer,
+)
 from opscore.engine import Context, Report
 from opscore.errors import Invalid, OpsCoreError
 from opscore.idempotency import Replay
@@ -36,7 +43,8 @@ def _check_headers(request: Request) -> None:
     "/state-reports",
     summary="Report many agents' states at once",
     response_model=StateReportBatchAnswer,
-    responses={s: {"model": ErrorBody} for s in (401, 413, 422)},
+    responses=errors(503),
+    openapi_extra=example(STATE_REPORT_BATCH_EXAMPLE),
 )
 async def report_states(body: StateReportBatch, request: Request, engine: EngineDep, actor: CallerDep) -> Response:
     """Up to 1000 reports, answered in order: `{"results": [{"status", "body"}, ...]}`.

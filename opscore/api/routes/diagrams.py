@@ -15,7 +15,8 @@ from fastapi.responses import Response
 
 from opscore import diagrams, history
 from opscore.api.deps import CallerDep, EngineDep, parse_moment
-from opscore.api.schemas import AgentIdPath, ErrorBody, SessionIdPath, TaskIdPath
+from opscore.api.openapi import errors
+from opscore.api.schemas import AgentIdPath, SessionIdPath, TaskIdPath
 from opscore.engine import Engine
 from opscore.errors import UnknownMachine
 from opscore.machines import MACHINES
@@ -39,7 +40,6 @@ At = Annotated[
     Query(description="draw it as it was at this ISO-8601 time, replayed from its audit chain; default: now"),
 ]
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 422, 501)}
 DIAGRAM_CONTENT: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the diagram",
@@ -80,7 +80,7 @@ async def draw_entity(
     "/machines/{name}/diagram",
     summary="Diagram of one declared machine",
     response_class=Response,
-    responses={**DIAGRAM_CONTENT, **ERRORS},
+    responses={**DIAGRAM_CONTENT, **errors(404, 501)},
 )
 async def machine_diagram(name: str, actor: CallerDep, format: Format = "mermaid") -> Response:
     """Mermaid `stateDiagram-v2` text or SVG, drawn from the declaration the engine runs."""
@@ -93,7 +93,7 @@ async def machine_diagram(name: str, actor: CallerDep, format: Format = "mermaid
     "/agent/{agent_id}/diagram",
     summary="An agent on the agent machine: where it is and how it got there",
     response_class=Response,
-    responses={**DIAGRAM_CONTENT, **ERRORS},
+    responses={**DIAGRAM_CONTENT, **errors(404, 501, 503)},
 )
 async def agent_diagram(
     agent_id: AgentIdPath,
@@ -112,7 +112,7 @@ async def agent_diagram(
     "/workflows/{session_id}/diagram",
     summary="A workflow run on the workflow machine",
     response_class=Response,
-    responses={**DIAGRAM_CONTENT, **ERRORS},
+    responses={**DIAGRAM_CONTENT, **errors(404, 501, 503)},
 )
 async def workflow_diagram(
     session_id: SessionIdPath,
@@ -130,7 +130,7 @@ async def workflow_diagram(
     "/workflows/{session_id}/tasks/{task_id}/diagram",
     summary="One task of a workflow run on the task machine",
     response_class=Response,
-    responses={**DIAGRAM_CONTENT, **ERRORS},
+    responses={**DIAGRAM_CONTENT, **errors(404, 501, 503)},
 )
 async def task_diagram(
     session_id: SessionIdPath,

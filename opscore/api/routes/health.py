@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from opscore import __version__
 from opscore.api.deps import StoreDep
+from opscore.api.schemas import HealthAnswer, HealthUnavailable, ReadyAnswer
 from opscore.errors import OpsCoreError
 from opscore.singleflight import SingleFlight
 from opscore.storage.base import Store
@@ -30,7 +31,12 @@ def _unavailable(store: Store, detail: str, code: str) -> JSONResponse:
     )
 
 
-@router.get("/health", summary="Liveness: the store answers and its writes work")
+@router.get(
+    "/health",
+    summary="Liveness: the store answers and its writes work",
+    response_model=HealthAnswer,
+    responses={503: {"model": HealthUnavailable, "description": "the store does not answer, or its writes fail"}},
+)
 async def health(store: StoreDep) -> JSONResponse:
     """200 `{"status": "ok"}`; 503 with `detail` and `code` when the store is unreachable or its writes fail."""
     try:
@@ -43,7 +49,12 @@ async def health(store: StoreDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__, "store": store.backend})
 
 
-@router.get("/ready", summary="Readiness: a write commits now (for load balancers)")
+@router.get(
+    "/ready",
+    summary="Readiness: a write commits now (for load balancers)",
+    response_model=ReadyAnswer,
+    responses={503: {"model": HealthUnavailable, "description": "a write does not commit now"}},
+)
 async def ready(request: Request, store: StoreDep) -> JSONResponse:
     """200 `{"status": "ready"}` when a write that changes nothing commits; 503 `storage_not_writable` otherwise."""
     probe: SingleFlight[str | None] | None = getattr(request.app.state, "write_probe", None)

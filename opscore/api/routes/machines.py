@@ -7,14 +7,15 @@ from typing import Any
 from fastapi import APIRouter
 
 from opscore.api.deps import CallerDep
-from opscore.api.schemas import ErrorBody, MachineView
+from opscore.api.openapi import errors
+from opscore.api.schemas import MachineList, MachineView
 from opscore.errors import UnknownMachine
 from opscore.machines import MACHINES, public_view
 
 router = APIRouter(prefix="/v1/opscore", tags=["machines"])
 
 
-@router.get("/machines", summary="Every machine declaration")
+@router.get("/machines", summary="Every machine declaration", response_model=MachineList)
 async def list_machines(actor: CallerDep) -> dict[str, list[dict[str, Any]]]:
     """`{"items": [declaration, ...]}` for the agent, workflow and task machines."""
     return {"items": [public_view(d) for d in MACHINES.values()]}
@@ -24,7 +25,7 @@ async def list_machines(actor: CallerDep) -> dict[str, list[dict[str, Any]]]:
     "/machines/{name}",
     summary="One machine declaration",
     response_model=MachineView,
-    responses={404: {"model": ErrorBody}, 401: {"model": ErrorBody}},
+    responses=errors(404),
 )
 async def get_machine(name: str, actor: CallerDep) -> dict[str, Any]:
     """`name`, `initial`, `states`, `terminal` and one `transitions` row per (trigger, source)."""

@@ -12,9 +12,10 @@ from pydantic import ValidationError
 from opscore.agentkit import check_signature
 from opscore.api.deps import EngineDep, SettingsDep, StoreDep
 from opscore.api.errors import validation_body
+from opscore.api.openapi import errors, raw_body
 from opscore.api.responses import JsonAnswer
 from opscore.api.routes.agents import agent_metadata, agent_view
-from opscore.api.schemas import ErrorBody, WebhookEvent
+from opscore.api.schemas import WEBHOOK_EXAMPLE, WebhookDeregistered, WebhookEvent, WebhookRegistered
 from opscore.engine import Context
 from opscore.errors import Invalid, Unauthorized
 
@@ -26,15 +27,12 @@ ACTOR = "agentkit"
 @router.post(
     "/agent/notify",
     summary="AgentKit registration webhook",
+    response_model=None,
     responses={
-        200: {"description": "applied"},
-        401: {"model": ErrorBody},
-        404: {"model": ErrorBody},
-        422: {"model": ErrorBody},
+        200: {"model": WebhookRegistered | WebhookDeregistered, "description": "applied"},
+        **errors(401, 404, 409, 503),
     },
-    openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": WebhookEvent.model_json_schema()}}, "required": True}
-    },
+    openapi_extra=raw_body(WebhookEvent, WEBHOOK_EXAMPLE),
 )
 async def notify(
     request: Request,

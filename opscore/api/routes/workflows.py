@@ -9,9 +9,24 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
+from opscore.api.openapi import errors, example, raw_body
 from opscore.api.paging import AuditFiltersDep, audit_page
 from opscore.api.responses import JsonAnswer
-from opscore.api.schemas import AgentIdPath, AuditPage, DefinitionIdPath, ErrorBody, SessionIdPath, Wire
+from opscore.api.schemas import (
+    DEFINITION_EXAMPLE,
+    RUN_TRIGGER_EXAMPLE,
+    START_RUN_EXAMPLE,
+    AgentIdPath,
+    AuditPage,
+    DefinitionIdPath,
+    DefinitionList,
+    RunPage,
+    RunStarted,
+    RunView,
+    SessionIdPath,
+    Wire,
+    WorkflowDefinition,
+)
 from opscore.engine import Context
 from opscore.errors import Invalid, UnknownEntity
 from opscore.models import Entity, EntityQuery
@@ -21,7 +36,6 @@ from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
 
 router = APIRouter(prefix="/v1/opscore", tags=["workflows"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 409, 412, 413, 422)}
 SessionId = SessionIdPath
 
 
@@ -109,13 +123,13 @@ async def run_view(store: Store, run: Entity) -> dict[str, Any]:
     "/workflow-definitions",
     summary="Publish a workflow definition (JSON or YAML)",
     status_code=201,
-    responses={200: {"description": "the same body was already stored"}, **ERRORS},
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": {"type": "object"}}, "application/yaml": {}},
-            "required": True,
-        }
+    response_model=WorkflowDefinition,
+    responses={
+        201: {"description": "stored"},
+        200: {"model": WorkflowDefinition, "description": "the same body was already stored"},
+        **errors(409, 503),
     },
+    openapi_extra=raw_body(WorkflowDefinition, DEFINITION_EXAMPLE, "application/json", "application/yaml"),
 )
 async def publish_definition(request: Request, actor: CallerDep) -> JsonAnswer:
     """Validated on upload (422 lists every problem). id+version is immutable: the same body → 200, another → 409."""
@@ -124,13 +138,23 @@ async def publish_definition(request: Request, actor: CallerDep) -> JsonAnswer:
     return JsonAnswer(definition.body, status_code=201 if created else 200)
 
 
-@router.get("/workflow-definitions", summary="Every stored workflow definition", responses=ERRORS)
+@router.get(
+    "/workflow-definitions",
+    summary="Every stored workflow definition",
+    response_model=None,
+    responses={200: {"model": DefinitionList, "description": "Successful Response"}, **errors(503)},
+)
 async def list_definitions(store: StoreDep, actor: CallerDep) -> JsonAnswer:
     """`{"items": [definition, ...]}`, oldest first."""
     return JsonAnswer({"items": await store.list_definitions()})
 
 
-@router.get("/workflow-definitions/{definition_id}", summary="One workflow definition", responses=ERRORS)
+@router.get(
+    "/workflow-definitions/{definition_id}",
+    summary="One workflow definition",
+    response_model=None,
+    responses={200: {"model": WorkflowDefinition, "description": "Successful Response"}, **errors(404, 503)},
+)
 async def get_definition(
     definition_id: DefinitionIdPath,
     request: Request,
@@ -149,13 +173,15 @@ async def get_definition(
     "/agent/{agent_id}/workflow",
     summary="Start a workflow run",
     status_code=202,
-    responses=ERRORS,
+    response_model=RunStarted,
+    responses=errors(404, 409, 503),
+    openapi_extra=example(START_RUN_EXAMPLE),
 )
 async def start_workflow(
     agent_id: AgentIdPath,
     body: StartRequest,
     request: Request,
-    ctx: ContextDep,
+    actor: CallerDep,
 ) -> JsonAnswer:
     """202 `{"sessionId", "workflowId", "state"}`; the first task is dispatched (or waits for an agent).
 
@@ -170,7 +196,12 @@ async def start_workflow(
     else:
         assert body.workflowDefinitionId is not None
         definition = await runs.definition(body.workflowDefinitionId, body.version)
-    run = await runs.start(definition, agent_id=agent_id, payload=body.initialPayload, ctx=Context(actor=ctx.actor))
+    run = await runs.start(
+        definition,
+        agent_id=agent_id,
+        payload=body.initialPayload,
+        ctx=Context(actor=actor, request_id=request.scope.get("opscore.request_id")),
+    )
     return JsonAnswer(
         {
             "sessionId": run.entity_id,
@@ -182,7 +213,12 @@ async def start_workflow(
     )
 
 
-@router.get("/workflows", summary="List workflow runs", responses=ERRORS)
+@router.get(
+    "/workflows",
+    summary="List workflow runs",
+    response_model=None,
+    responses={200: {"model": RunPage, "description": "Successful Response"}, **errors(503)},
+)
 async def list_runs(
     store: StoreDep,
     actor: CallerDep,
@@ -220,7 +256,12 @@ async def list_runs(
     )
 
 
-@router.get("/workflows/{session_id}", summary="One run, its tasks, attempts and results", responses=ERRORS)
+@router.get(
+    "/workflows/{session_id}",
+    summary="One run, its tasks, attempts and results",
+    response_model=RunView,
+    responses=errors(404, 503),
+)
 async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> JsonAnswer:
     """The run's state and, per task: state, agent, attempts (with errors), result."""
     run = await store.get(WORKFLOW, session_id)
@@ -229,7 +270,13 @@ async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> J
     return JsonAnswer(await run_view(store, run), headers={"ETag": f'"{run.revision}"'})
 
 
-@router.post("/workflows/{session_id}/transitions", summary="pause, resume, cancel or retry a run", responses=ERRORS)
+@router.post(
+    "/workflows/{session_id}/transitions",
+    summary="pause, resume, cancel or retry a run",
+    response_model=RunView,
+    responses=errors(404, 409, 503),
+    openapi_extra=example(RUN_TRIGGER_EXAMPLE),
+)
 async def run_transition(
     session_id: SessionId, body: RunTrigger, request: Request, store: StoreDep, ctx: ContextDep
 ) -> JsonAnswer:
@@ -242,7 +289,7 @@ async def run_transition(
     "/workflows/{session_id}/audit",
     summary="Audit records of a run and its tasks",
     response_model=AuditPage,
-    responses=ERRORS,
+    responses=errors(404, 503),
 )
 async def run_audit(
     session_id: SessionId,
