@@ -71,8 +71,13 @@ PATH_EXAMPLES: dict[str, str] = {
 }
 """Path parameters "Try it out" fills in: the ids the request examples (``schemas.py``) create."""
 
-NON_EMPTY: frozenset[tuple[str, str]] = frozenset({("query", "at"), ("query", "cursor"), ("header", "if-match")})
+NON_EMPTY: frozenset[tuple[str, str]] = frozenset(
+    {("query", "at"), ("query", "since"), ("query", "until"), ("query", "cursor"), ("header", "if-match")}
+)
 """Parameters whose empty value the server refuses (``deps.parse_moment``, ``decode_cursor``, ``parse_if_match``)."""
+
+MOMENTS = frozenset({"at", "since", "until"})
+"""Query times, ISO-8601 only (``deps.parse_moment``)."""
 
 _RAW_BODIES: dict[str, type[BaseModel]] = {}
 
@@ -197,7 +202,7 @@ def _complete_parameter(param: dict[str, Any]) -> None:
         for branch in schema.get("anyOf", [schema]):
             if branch.get("type") == "string":
                 branch["minLength"] = 1
-                if name == "at":  # read by deps.parse_moment, which also takes a naive time as UTC
+                if name in MOMENTS:  # read by deps.parse_moment, which also takes a naive time as UTC
                     branch["format"] = "date-time"
     if where == "path" and name in PATH_EXAMPLES:
         param.setdefault("example", PATH_EXAMPLES[name])

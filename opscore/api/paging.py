@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import Depends, Query
 from fastapi.responses import Response
 
-from opscore.api.deps import decode_cursor, encode_cursor
-from opscore.clock import normalise
+from opscore.api.deps import decode_cursor, encode_cursor, parse_moment
 from opscore.errors import Invalid
 from opscore.models import AuditQuery
 from opscore.storage.base import Store
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="records per page (at most 1000)")]
 Cursor = Annotated[str | None, Query(description="nextCursor of the previous page")]
-Since = Annotated[datetime | None, Query(description="only records recorded at or after this time (ISO-8601)")]
-Until = Annotated[datetime | None, Query(description="only records recorded at or before this time (ISO-8601)")]
+Since = Annotated[str | None, Query(description="only records recorded at or after this time (ISO-8601)")]
+Until = Annotated[str | None, Query(description="only records recorded at or before this time (ISO-8601)")]
 Outcome = Annotated[Literal["applied", "rejected"] | None, Query(description="only applied or only rejected")]
 Order = Annotated[Literal["asc", "desc"], Query(description="oldest first (asc) or newest first (desc)")]
 
@@ -36,8 +34,8 @@ class AuditFilters:
 
     limit: int
     cursor: str | None
-    since: datetime | None
-    until: datetime | None
+    since: str | None
+    until: str | None
     outcome: str | None
     order: str
 
@@ -82,8 +80,8 @@ async def audit_page(
         entity_ids=entity_ids,
         entity_types=entity_types,
         outcome=filters.outcome,
-        since=None if since is None else normalise(since),
-        until=None if until is None else normalise(until),
+        since=parse_moment(since, "since"),
+        until=parse_moment(until, "until"),
         descending=order == "desc",
         after_id=audit_position(filters.cursor, order),
         limit=limit + 1,
