@@ -46,6 +46,10 @@ class Server:
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=30, **kwargs)  # type: ignore[arg-type]
 
+    def anonymous(self, **kwargs: object) -> httpx.Client:
+        """A client holding no key."""
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
     def start(self, timeout: float = 20.0) -> Server:
         env = {
             **os.environ,

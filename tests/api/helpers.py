@@ -66,17 +66,16 @@ def webhook_body(event: str, agent_id: str, **details: Any) -> bytes:
 
 
 def post_webhook(
-    base_url: str, body: bytes, *, secret: str, timestamp: str | None = None, signature: str | None = None
+    target: Any, body: bytes, *, secret: str, timestamp: str | None = None, signature: str | None = None
 ) -> httpx.Response:
+    """Sign ``body`` as AgentKit does and post it to the webhook of ``target`` (a server, or a base URL)."""
     stamp = timestamp if timestamp is not None else str(int(time.time()))
     sig = signature if signature is not None else sign(secret, stamp, body)
-    return httpx.post(
-        base_url + "/v1/opscore/internal/agent/notify",
-        content=body,
-        headers={
-            "X-AgentKit-Timestamp": stamp.encode(),
-            "X-AgentKit-Signature": sig.encode(),  # bytes: lets a test send non-ASCII
-            "Content-Type": "application/json",
-        },
-        timeout=30,
-    )
+    headers = {
+        "X-AgentKit-Timestamp": stamp.encode(),
+        "X-AgentKit-Signature": sig.encode(),  # bytes: lets a test send non-ASCII
+        "Content-Type": "application/json",
+    }
+    client = httpx.Client(base_url=target, timeout=30) if isinstance(target, str) else target.anonymous()
+    with client:
+        return client.post("/v1/opscore/internal/agent/notify", content=body, headers=headers)

@@ -46,7 +46,8 @@ def assert_error(answer: httpx.Response, status: int, code: str | None = None) -
 def test_v1_needs_a_valid_bearer_key(server: Server, authorization: str | None) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     for method, path in [("GET", f"{V1}/agents"), ("GET", f"{V1}/audit/verify"), ("POST", f"{V1}/agent/x/state")]:
-        answer = httpx.request(method, server.url + path, headers=headers, json={"state": "idle", "timestamp": ts()})
+        with server.anonymous() as anonymous:
+            answer = anonymous.request(method, path, headers=headers, json={"state": "idle", "timestamp": ts()})
         assert_error(answer, 401, "unauthorized")
         assert answer.headers["www-authenticate"] == "Bearer"
     with server.client() as client:
@@ -54,10 +55,11 @@ def test_v1_needs_a_valid_bearer_key(server: Server, authorization: str | None) 
 
 
 def test_health_docs_and_openapi_are_open(server: Server) -> None:
-    health = httpx.get(server.url + "/health")
-    assert health.status_code == 200 and health.json()["status"] == "ok"
-    for path in ("/docs", "/redoc", "/openapi.json"):
-        assert httpx.get(server.url + path).status_code == 200, path
+    with server.anonymous() as anonymous:
+        health = anonymous.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert anonymous.get(path).status_code == 200, path
 
 
 def test_the_right_key_works_and_is_the_actor(server: Server) -> None:
@@ -92,7 +94,7 @@ def test_bodies_over_one_mib_are_413_when_chunked(server: Server, path: str) -> 
         answer = client.post(path, content=chunks(MIB + 1), headers={"Content-Type": "application/json"})
         assert "content-length" not in answer.request.headers
         assert_error(answer, 413, "payload_too_large")
-        hook = httpx.post(server.url + f"{V1}/internal/agent/notify", content=chunks(MIB + 1))
+        hook = server.anonymous().post(f"{V1}/internal/agent/notify", content=chunks(MIB + 1))
         assert_error(hook, 413, "payload_too_large")
         # just under the limit is fine
         small = client.post(f"{V1}/agent/small/state", content=chunks(MIB - 200_000), headers=JSON)
@@ -106,7 +108,7 @@ def test_every_error_status_has_the_same_shape(server: Server) -> None:
     with server.client() as client:
         assert report(client, "e1", "idle").status_code == 200
         cases = {
-            401: (httpx.get(server.url + f"{V1}/agents"), "unauthorized"),
+            401: (server.anonymous().get(f"{V1}/agents"), "unauthorized"),
             404: (client.get(f"{V1}/agent/nobody"), "unknown_agent"),
             409: (report(client, "e1", "registered"), "illegal_transition"),
             412: (trigger(client, "e1", "begin_task", **{"If-Match": '"7"'}), "revision_mismatch"),
@@ -472,7 +474,7 @@ def test_machines_are_served_as_declared(server: Server) -> None:
 
 
 def test_every_route_is_described_in_openapi(server: Server) -> None:
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = server.anonymous().get("/openapi.json").json()
     operations = [(p, m, op) for p, ops in spec["paths"].items() for m, op in ops.items()]
     assert len(operations) >= 12
     for path, method, op in operations:
@@ -498,7 +500,8 @@ def test_every_route_is_described_in_openapi(server: Server) -> None:
 # -- one JSON log line per audit record ------------------------------------------------------------
 
 
-def test_every_audit_record_is_one_json_log_line(server: Server) -> None:
+def test_every_audit_record_is_one_json_log_line(process_server: Server) -> None:
+    server = process_server
     with server.client() as client:
         report(client, "l1", "idle", details={"note": "café"})
         report(client, "l1", "active")

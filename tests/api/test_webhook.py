@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.api.helpers import post_webhook, report, sign, webhook_body
+from tests.inproc import InProcess
 from tests.servers import Server
 
 V1 = "/v1/opscore"
@@ -16,7 +17,7 @@ V1 = "/v1/opscore"
 
 def test_register_creates_then_updates_metadata(server: Server) -> None:
     secret = server.webhook_secret
-    first = post_webhook(server.url, webhook_body("REGISTER", "w1", capabilities=["a"]), secret=secret)
+    first = post_webhook(server, webhook_body("REGISTER", "w1", capabilities=["a"]), secret=secret)
     assert first.status_code == 200, first.text
     assert first.json()["created"] is True
     with server.client() as client:
@@ -24,7 +25,7 @@ def test_register_creates_then_updates_metadata(server: Server) -> None:
         assert (agent["state"], agent["agentName"], agent["capabilities"]) == ("registered", "Agent w1", ["a"])
         assert agent["metadata"] == {"team": "ops"} and agent["contactEndpoint"] == "http://127.0.0.1:9/agent"
         again = post_webhook(
-            server.url, webhook_body("REGISTER", "w1", agentName="Renamed", capabilities=["a", "b"]), secret=secret
+            server, webhook_body("REGISTER", "w1", agentName="Renamed", capabilities=["a", "b"]), secret=secret
         )
         assert again.status_code == 200 and again.json()["created"] is False
         agent = client.get(f"{V1}/agent/w1").json()
@@ -49,7 +50,7 @@ def test_register_after_a_state_report_keeps_the_state(server: Server) -> None:
     with server.client() as client:
         assert report(client, "w2", "initializing").status_code == 200
         assert report(client, "w2", "idle").status_code == 200
-        hook = post_webhook(server.url, webhook_body("REGISTER", "w2"), secret=server.webhook_secret)
+        hook = post_webhook(server, webhook_body("REGISTER", "w2"), secret=server.webhook_secret)
         assert hook.status_code == 200 and hook.json()["created"] is False
         agent = client.get(f"{V1}/agent/w2").json()
         assert (agent["state"], agent["revision"], agent["agentName"]) == ("idle", 2, "Agent w2")
@@ -57,25 +58,25 @@ def test_register_after_a_state_report_keeps_the_state(server: Server) -> None:
 
 def test_deregister(server: Server) -> None:
     secret = server.webhook_secret
-    assert post_webhook(server.url, webhook_body("REGISTER", "w3"), secret=secret).status_code == 200
+    assert post_webhook(server, webhook_body("REGISTER", "w3"), secret=secret).status_code == 200
     with server.client() as client:
         assert report(client, "w3", "idle").status_code == 200
-        gone = post_webhook(server.url, webhook_body("DEREGISTER", "w3"), secret=secret)
+        gone = post_webhook(server, webhook_body("DEREGISTER", "w3"), secret=secret)
         assert gone.status_code == 200 and gone.json()["state"] == "deregistered"
         assert client.get(f"{V1}/agent/w3").json()["state"] == "deregistered"
         last = client.get(f"{V1}/agent/w3/audit").json()["items"][-1]
         assert (last["event"], last["actor"], last["outcome"]) == ("deregister", "agentkit", "applied")
         assert report(client, "w3", "idle").status_code == 409
-    unknown = post_webhook(server.url, webhook_body("DEREGISTER", "never-seen"), secret=secret)
+    unknown = post_webhook(server, webhook_body("DEREGISTER", "never-seen"), secret=secret)
     assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_agent"
 
 
 def test_iso_timestamps_are_accepted(server: Server) -> None:
     stamp = datetime.now(UTC).isoformat()
-    hook = post_webhook(server.url, webhook_body("REGISTER", "w4"), secret=server.webhook_secret, timestamp=stamp)
+    hook = post_webhook(server, webhook_body("REGISTER", "w4"), secret=server.webhook_secret, timestamp=stamp)
     assert hook.status_code == 200, hook.text
     zulu = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    hook = post_webhook(server.url, webhook_body("REGISTER", "w5"), secret=server.webhook_secret, timestamp=zulu)
+    hook = post_webhook(server, webhook_body("REGISTER", "w5"), secret=server.webhook_secret, timestamp=zulu)
     assert hook.status_code == 200, hook.text
 
 
@@ -86,7 +87,7 @@ def test_iso_timestamps_are_accepted(server: Server) -> None:
 )
 def test_timestamps_outside_the_window_are_refused(server: Server, label: str, offset: int) -> None:
     stamp = str(int(time.time()) + offset)
-    hook = post_webhook(server.url, webhook_body("REGISTER", "late"), secret=server.webhook_secret, timestamp=stamp)
+    hook = post_webhook(server, webhook_body("REGISTER", "late"), secret=server.webhook_secret, timestamp=stamp)
     assert hook.status_code == 401 and hook.json()["code"] == "stale_timestamp", label
 
 
@@ -94,9 +95,9 @@ def test_replays_and_bad_signatures_are_refused(server: Server) -> None:
     secret = server.webhook_secret
     body = webhook_body("REGISTER", "w6")
     stamp = str(int(time.time()))
-    first = post_webhook(server.url, body, secret=secret, timestamp=stamp)
+    first = post_webhook(server, body, secret=secret, timestamp=stamp)
     assert first.status_code == 200
-    replay = post_webhook(server.url, body, secret=secret, timestamp=stamp)
+    replay = post_webhook(server, body, secret=secret, timestamp=stamp)
     assert replay.status_code == 401 and replay.json()["code"] == "replayed"
     assert replay.headers["content-type"].startswith("application/json")
 
@@ -117,7 +118,7 @@ def test_replays_and_bad_signatures_are_refused(server: Server) -> None:
         kwargs = {"timestamp": overrides.get("timestamp"), "signature": overrides.get("signature")}
         if "timestamp" in overrides and "signature" not in overrides:
             kwargs["signature"] = sign(secret, overrides["timestamp"], fresh)
-        answer = post_webhook(server.url, fresh if "signature" not in overrides else body, secret=secret, **kwargs)
+        answer = post_webhook(server, fresh if "signature" not in overrides else body, secret=secret, **kwargs)
         assert answer.status_code == 401, (label, answer.status_code, answer.text)
         assert isinstance(answer.json()["detail"], str) and answer.json()["code"], label
     with server.client() as client:
@@ -132,38 +133,37 @@ def test_signed_but_invalid_bodies_are_422(server: Server) -> None:
         b'{"event_type":"UPDATE","agent_details":{"agentId":"x"}}',
         b'{"event_type":"REGISTER"}',
     ):
-        answer = post_webhook(server.url, body, secret=secret)
+        answer = post_webhook(server, body, secret=secret)
         assert answer.status_code == 422, (body, answer.text)
         assert answer.json()["code"] == "validation_error"
 
 
 def test_no_bearer_key_is_needed_or_enough(server: Server) -> None:
-    import httpx
-
-    answer = httpx.post(
-        server.url + f"{V1}/internal/agent/notify", content=webhook_body("REGISTER", "w9"), headers=server.headers
-    )
+    with server.anonymous() as client:
+        answer = client.post(
+            f"{V1}/internal/agent/notify", content=webhook_body("REGISTER", "w9"), headers=server.headers
+        )
     assert answer.status_code == 401
 
 
 def test_rotation_accepts_every_configured_secret(sqlite_url: str, tmp_path: Path) -> None:
-    server = Server(database_url=sqlite_url, webhook_secret="old-secret,new-secret", log_path=tmp_path / "log")
+    server = InProcess(sqlite_url, webhook_secret="old-secret,new-secret")
     server.start()
     try:
         for i, secret in enumerate(("old-secret", "new-secret")):
-            hook = post_webhook(server.url, webhook_body("REGISTER", f"r{i}"), secret=secret)
+            hook = post_webhook(server, webhook_body("REGISTER", f"r{i}"), secret=secret)
             assert hook.status_code == 200, (secret, hook.text)
-        refused = post_webhook(server.url, webhook_body("REGISTER", "r9"), secret="old-secret,new-secret")
+        refused = post_webhook(server, webhook_body("REGISTER", "r9"), secret="old-secret,new-secret")
         assert refused.status_code == 401
     finally:
         server.stop()
 
 
 def test_without_a_secret_the_webhook_is_disabled(sqlite_url: str, tmp_path: Path) -> None:
-    server = Server(database_url=sqlite_url, webhook_secret="", log_path=tmp_path / "log")
+    server = InProcess(sqlite_url, webhook_secret="")
     server.start()
     try:
-        hook = post_webhook(server.url, webhook_body("REGISTER", "x"), secret="")
+        hook = post_webhook(server, webhook_body("REGISTER", "x"), secret="")
         assert hook.status_code == 401 and hook.json()["code"] == "webhook_disabled"
     finally:
         server.stop()
