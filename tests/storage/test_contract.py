@@ -690,3 +690,15 @@ def test_definitions_come_a_page_at_a_time_oldest_first(backend: Backend) -> Non
         assert await store.list_definitions() == bodies
 
     backend.run(scenario)
+
+
+def test_get_many_answers_in_the_order_asked(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        for eid in ("t1", "t2", "t3"):
+            await store.apply(Change("task", eid, create=Entity("task", eid, "pending", data={"n": eid})))
+        found = await store.get_many("task", ["t3", "nope", "t1", "t3"])
+        assert [None if e is None else e.data["n"] for e in found] == ["t3", None, "t1", "t3"]
+        assert await store.get_many("task", []) == []
+        assert await store.get_many("agent", ["t1"]) == [None]
+
+    backend.run(scenario)
