@@ -268,6 +268,11 @@ def seek(d: Dialect, entity_type: str, entity_id: str, moment: str) -> Seek:
     chain; when the answer depends on one of them the seek returns ``None`` and the caller
     replays the chain. Written as a generator so that each store runs the same steps with its
     own I/O (SQLite in one worker thread, PostgreSQL on one pooled connection).
+
+    The seek and the replay agree as long as ``recordedAt`` grows along a chain, which is how
+    it is written (SQLite's one writer; PostgreSQL's clock read under the entity's row lock).
+    Should a wall clock step back between two records of one entity, the seek takes the record
+    with the latest ``recordedAt`` at or before the moment, the replay the last by ``seq``.
     """
     p = d.ph
     row = yield (
