@@ -1,4 +1,5 @@
-"""Diagrams of the declared machines: declaration (+ current state, + recent path) → Mermaid or SVG.
+"""Diagrams of the declared machines: declaration (+ current state, + recent path) → Mermaid or SVG;
+and of a workflow run's task graph (its definition's tasks, each with its state).
 
 Pure: no I/O but running Graphviz's ``dot`` for SVG. Every diagram is drawn by a throwaway
 ``transitions`` ``GraphMachine`` built from the one declaration in ``opscore/machines.py``
@@ -18,6 +19,11 @@ one probe model placed in the current state, which the library then styles as ``
 
 Path numbering: ``#1`` is the oldest of the steps drawn and ``#n`` the latest, the one that led
 to the current state. A pair of states travelled several times carries several numbers.
+
+A run's **task graph** is no state machine, so it is drawn without ``transitions``: a Mermaid
+``flowchart`` or a Graphviz ``Digraph`` of :class:`TaskNode`, one node per task of the run's
+definition (labelled with its state and attempt, coloured by state), ``nextTaskId`` edges solid
+and ``fallbackTaskId`` edges dashed, the task the run is at outlined.
 """
 
 from __future__ import annotations
@@ -297,3 +303,141 @@ def svg_outline(text: str) -> list[tuple[str, str, tuple[str, ...], tuple[str, .
         )
         items.append((cls, title, texts, colours))
     return sorted(items)
+
+
+# -- a run's task graph ------------------------------------------------------------------------
+
+TASK_STATE_STYLES: Final[dict[str, tuple[str, str]]] = {
+    "pending": ("#ffffff", "#888888"),
+    "waiting": ("#fff4cc", "#b7950b"),
+    "dispatched": ("#dbe9ff", "#1f5fbf"),
+    "running": ("#b9d3ff", "#1f5fbf"),
+    "retrying": ("#ffe0b3", "#d35400"),
+    "succeeded": ("#d4f5d4", "#1e8449"),
+    "failed": ("#ffd9cc", "#c0392b"),
+    "skipped": ("#eeeeee", "#888888"),
+    "cancelled": ("#e0e0e0", "#555555"),
+}
+"""Fill and stroke of a task node by its state (an unknown state is drawn as ``pending``)."""
+
+VIEWS: Final = ("lifecycle", "tasks")
+"""What a run's diagram draws: its lifecycle machine (the default) or its definition's task graph."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskNode:
+    """One task of a run's definition, with where the run's task entity is now."""
+
+    task_id: str
+    name: str | None
+    state: str
+    attempt: int = 0
+    next_task_id: str | None = None
+    fallback_task_id: str | None = None
+
+
+def _task_style(state: str) -> tuple[str, str]:
+    return TASK_STATE_STYLES.get(state, TASK_STATE_STYLES["pending"])
+
+
+def _task_lines(node: TaskNode) -> tuple[str, str]:
+    """The two lines of a node: its name (and id when they differ), then state and attempt."""
+    title = node.task_id if not node.name or node.name == node.task_id else f"{node.name} ({node.task_id})"
+    status = node.state if node.attempt <= 0 else f"{node.state} · attempt {node.attempt}"
+    return title, status
+
+
+def _task_edges(nodes: Sequence[TaskNode]) -> list[tuple[str, str, bool]]:
+    """``(from, to, fallback?)`` for every edge whose both ends are tasks of the graph."""
+    known = {n.task_id for n in nodes}
+    edges: list[tuple[str, str, bool]] = []
+    for node in nodes:
+        if node.next_task_id is not None and node.next_task_id in known:
+            edges.append((node.task_id, node.next_task_id, False))
+        if node.fallback_task_id is not None and node.fallback_task_id in known:
+            edges.append((node.task_id, node.fallback_task_id, True))
+    return edges
+
+
+def _mermaid_label(text: str) -> str:
+    """Text for a quoted Mermaid label: entity codes for what would end or mark up the label."""
+    out = text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+    return " ".join(out.split())
+
+
+def task_graph_mermaid(nodes: Sequence[TaskNode], *, start: str | None, current: str | None, title: str) -> str:
+    """Mermaid ``flowchart`` of a run's tasks: ``nextTaskId`` solid, ``fallbackTaskId`` dashed.
+
+    Each node says its task's state and attempt and takes the class of its state (one
+    ``classDef`` per task state, the colours of :data:`TASK_STATE_STYLES`); the task the run
+    is at has the ``current`` class too; a filled circle points at the first task.
+    """
+    ids = {node.task_id: f"t{n}" for n, node in enumerate(nodes)}
+    lines = ["---", f"title: {json.dumps(title, ensure_ascii=False)}", "---", "flowchart LR"]
+    if start in ids:
+        lines.append('  start_((" ")) --> ' + ids[start])
+    for node in nodes:
+        name, status = _task_lines(node)
+        state = node.state if node.state in TASK_STATE_STYLES else "pending"
+        lines.append(f'  {ids[node.task_id]}["{_mermaid_label(name)}<br/>{_mermaid_label(status)}"]:::{state}')
+    for source, dest, fallback in _task_edges(nodes):
+        arrow = "-. fallback .->" if fallback else "-->"
+        lines.append(f"  {ids[source]} {arrow} {ids[dest]}")
+    for state, (fill, stroke) in TASK_STATE_STYLES.items():
+        lines.append(f"  classDef {state} fill:{fill},stroke:{stroke},color:#000000")
+    lines.append("  classDef current stroke-width:4px")
+    lines.append("  style start_ fill:#000000,stroke:#000000")
+    if current in ids:
+        lines.append(f"  class {ids[current]} current")
+    return "\n".join(lines) + "\n"
+
+
+def task_graph_svg(nodes: Sequence[TaskNode], *, start: str | None, current: str | None, title: str) -> str:
+    """SVG of the same graph through Graphviz ``dot``; :class:`RendererMissing` without it."""
+    if find_dot() is None:
+        raise RendererMissing(INSTALL_HINT, format="svg", install="graphviz")
+    import graphviz
+
+    graph = graphviz.Digraph(
+        graph_attr={"rankdir": "LR", "label": graphviz.escape(title), "labelloc": "t", "fontname": "Helvetica"},
+        node_attr={"shape": "rectangle", "style": "rounded,filled", "fontname": "Helvetica"},
+        edge_attr={"color": "#555555", "fontcolor": "#333333", "fontname": "Helvetica"},
+    )
+    # a node is named by its task id (the SVG's <title>, for whoever embeds it); the start dot by
+    # a name no task id can have (they hold no '/'), so the two never collide
+    ids = {node.task_id: graphviz.escape(node.task_id) for node in nodes}
+    if start in ids:
+        graph.node("/start", label="", shape="circle", style="filled", fillcolor="black", width="0.2")
+        graph.edge("/start", ids[start])
+    for node in nodes:
+        fill, stroke = _task_style(node.state)
+        name, status = _task_lines(node)
+        extra = {"penwidth": "3", "peripheries": "2"} if node.task_id == current else {"penwidth": "1.2"}
+        graph.node(
+            ids[node.task_id],
+            label=f"{graphviz.escape(name)}\\n{graphviz.escape(status)}",
+            fillcolor=fill,
+            color=stroke,
+            **extra,
+        )
+    for source, dest, fallback in _task_edges(nodes):
+        if fallback:
+            graph.edge(ids[source], ids[dest], label="fallback", style="dashed")
+        else:
+            graph.edge(ids[source], ids[dest])
+    try:
+        data: bytes = graph.pipe(format="svg")
+    except graphviz.ExecutableNotFound as exc:
+        raise RendererMissing(INSTALL_HINT, format="svg", install="graphviz") from exc
+    return data.decode("utf-8")
+
+
+def task_graph(
+    nodes: Sequence[TaskNode], fmt: str, *, start: str | None = None, current: str | None = None, title: str = ""
+) -> str:
+    """``mermaid`` or ``svg`` text of a run's task graph (``ValueError`` for another format)."""
+    if fmt == "mermaid":
+        return task_graph_mermaid(nodes, start=start, current=current, title=title)
+    if fmt == "svg":
+        return task_graph_svg(nodes, start=start, current=current, title=title)
+    raise ValueError(f"unknown diagram format {fmt!r}; formats: {', '.join(FORMATS)}")

@@ -165,6 +165,20 @@ def answer(
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """Where an entity's audit chain stood at a moment (a store's answer to ``?at=``).
+
+    ``last`` is the last record at or before the moment (``None``: none yet), ``revision`` the
+    entity's revision after it, and ``transition`` the record of the transition that produced
+    that revision (``None`` at revision 0). The state then is ``transition["dest"]``.
+    """
+
+    last: dict[str, Any] | None
+    revision: int
+    transition: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditQuery:
     """A page request over audit records; ``after_id`` is the keyset cursor."""
 
@@ -182,10 +196,14 @@ class AuditQuery:
 
 @dataclass(frozen=True, slots=True)
 class EntityQuery:
-    """A page request over entities of one type, ordered by id.
+    """A page request over entities of one type, ordered by id (or by creation).
 
     ``seen_before`` keeps entities whose ``last_seen_at`` is older than it (or never set):
-    the liveness sweep's question.
+    the liveness sweep's question. ``labels`` keeps entities whose labelled fields hold the
+    given strings (``(("workflowId", "wf-1"),)``; only fields the storage labels for this type,
+    see ``opscore.storage.rows.LABELLED``). ``by_created`` orders by ``(created_at, entity_id)``
+    instead of ``entity_id``; the keyset cursor is then ``(after_created, after_id)``, the
+    position of the last entity of the previous page. ``descending`` reverses either order.
     """
 
     entity_type: str
@@ -195,3 +213,7 @@ class EntityQuery:
     seen_before: str | None = None
     after_id: str | None = None
     limit: int = 100
+    labels: tuple[tuple[str, str], ...] = ()
+    by_created: bool = False
+    descending: bool = False
+    after_created: str | None = None

@@ -148,6 +148,27 @@ def test_retries_exhausted_fail_the_run(stack: Env) -> None:
     assert len(sim.calls()) == 3  # the first attempt and maxRetries retries, never more
 
 
+def test_a_run_retried_after_failing_completes_without_the_old_reason(stack: Env) -> None:
+    """The failure ``reason`` belongs to the failed run: retried and completed, the run carries none."""
+    server, sim = stack(agents=1)
+    sim.control(scripts={"sim-agent-0": ["error", "ok"]})
+    tasks = [{"taskId": "t", "agentCapability": "summarise_text", "maxRetries": 0, "retryBackoffSeconds": 0.05}]
+    with server.client() as client:
+        sid = start(client, {"workflowDefinition": definition(tasks, "retried")})
+        failed = settled(client, sid)
+        assert failed["state"] == "failed" and "task 't' failed" in failed["reason"], failed
+        retried = client.post(f"/v1/opscore/workflows/{sid}/transitions", json={"trigger": "retry"})
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["reason"] is None  # running again: no longer failed
+        run = settled(client, sid)
+        assert run["state"] == "completed" and run["reason"] is None, run
+        assert tasks_by_id(run)["t"]["state"] == "succeeded"
+        [listed] = client.get("/v1/opscore/workflows", params={"workflowId": "retried"}).json()["items"]
+        assert (listed["state"], listed["reason"]) == ("completed", None)
+        assert events(audit(client, sid), sid) == ["start", "fail", "retry", "complete"]
+    assert len(sim.calls()) == 2
+
+
 def test_fallback_path(stack: Env) -> None:
     server, sim = stack(agents=1)
     sim.control(scripts={"sim-agent-0": ["error", "ok"]})

@@ -334,6 +334,7 @@ class WorkflowDefinition(BaseModel):
 
 class DefinitionList(BaseModel):
     items: list[WorkflowDefinition] = Field(description="oldest first")
+    nextCursor: str | None
 
 
 class RunStarted(BaseModel):

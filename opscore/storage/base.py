@@ -17,7 +17,7 @@ from typing import Any
 
 from opscore import audit
 from opscore.errors import RevisionConflict, UnknownEntity
-from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 
 WRITE_ERROR_WINDOW = 10.0
 """Seconds a failed write keeps a store from being ready (unless a write succeeds sooner)."""
@@ -166,7 +166,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
-        """A page of entities of one type ordered by id."""
+        """A page of entities of one type, ordered by id or by creation (see :class:`EntityQuery`).
+
+        ``ValueError`` for a label filter on a field the storage does not label for that type.
+        """
 
     @abc.abstractmethod
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
@@ -179,6 +182,15 @@ class Store(abc.ABC):
         the text served is the text whose parse hashes to the record's ``hash``.
         """
         return [(int(r["id"]), audit.text_of(r)) for r in await self.list_audit(query)]
+
+    async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
+        """Where the entity's chain stood at ``moment`` (inclusive), found by a seek.
+
+        ``None`` when this store cannot seek there (the memory store never does; the SQL
+        stores not across records written before schema 2): the caller then replays the
+        chain (:func:`opscore.history.at`), which gives the same answer more slowly.
+        """
+        return None
 
     @abc.abstractmethod
     async def verify(self) -> audit.Verification:
@@ -214,8 +226,20 @@ class Store(abc.ABC):
         """One definition; without ``version``, the one stored last under that id."""
 
     @abc.abstractmethod
+    async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """A page of definitions, oldest first, as ``(position, body)``; ``after`` a position handed out.
+
+        Positions grow with every definition stored and are never reused (they may skip).
+        """
+
     async def list_definitions(self) -> list[dict[str, Any]]:
-        """Every stored definition, oldest first."""
+        """Every stored definition, oldest first (a page at a time underneath)."""
+        found: list[dict[str, Any]] = []
+        after: int | None = None
+        while page := await self.definitions_page(after, 500):
+            found.extend(body for _, body in page)
+            after = page[-1][0]
+        return found
 
     @abc.abstractmethod
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:

@@ -13,6 +13,7 @@ from opscore import audit
 from opscore.errors import Conflict, IdempotencyKeyInUse
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
+from opscore.storage.rows import check_labels, label_value
 
 
 def matches(record: dict[str, Any], query: AuditQuery) -> bool:
@@ -78,6 +79,18 @@ class MemoryStore(Store):
         return Committed(new, record, created)
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
+        check_labels(query)
+
+        def position(e: Entity) -> tuple[str, ...]:
+            return (e.created_at, e.entity_id) if query.by_created else (e.entity_id,)
+
+        after: tuple[str, ...] | None = None
+        if query.by_created and (query.after_created is not None or query.after_id is not None):
+            if query.after_created is None or query.after_id is None:
+                raise ValueError("a keyset position in creation order needs after_created and after_id")
+            after = (query.after_created, query.after_id)
+        elif query.after_id is not None:
+            after = (query.after_id,)
         found = sorted(
             (
                 e
@@ -85,11 +98,13 @@ class MemoryStore(Store):
                 if etype == query.entity_type
                 and (query.state is None or e.state == query.state)
                 and (query.capability is None or query.capability in e.data.get("capabilities", []))
-                and (query.after_id is None or eid > query.after_id)
                 and (query.id_prefix is None or eid.startswith(query.id_prefix))
                 and (query.seen_before is None or (e.last_seen_at or "") < query.seen_before)
+                and all(label_value(e, key) == value for key, value in query.labels)
+                and (after is None or (position(e) < after if query.descending else position(e) > after))
             ),
-            key=lambda e: e.entity_id,
+            key=position,
+            reverse=query.descending,
         )
         return found[: query.limit]
 
@@ -151,8 +166,10 @@ class MemoryStore(Store):
         found = [body for (did, _), body in self.definitions.items() if did == definition_id]
         return found[-1] if found else None
 
-    async def list_definitions(self) -> list[dict[str, Any]]:
-        return list(self.definitions.values())
+    async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        # a definition is never replaced or removed, so its place in insertion order is its position
+        start = after or 0
+        return [(start + n, body) for n, body in enumerate(list(self.definitions.values())[start:][:limit], 1)]
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
         clock = time.monotonic()

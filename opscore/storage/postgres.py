@@ -43,7 +43,7 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,25 +63,53 @@ from opscore.errors import (
     Unavailable,
     UnknownEntity,
 )
-from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
+    LABEL_COLUMNS,
+    LABELLED,
     POSTGRES,
     TIMER_COLUMNS,
     dumps,
     entity_from_row,
     entity_values,
+    label_rows,
+    seek,
     select_audit,
     select_entities,
     timer_from_row,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+Connection = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+async def _backfill_labels(conn: Connection) -> None:
+    """Label every existing entity of a labelled type (schema 2): parsed in Python, never ``::json``."""
+    async with conn.cursor(name="opscore_backfill") as cur:
+        await cur.execute(f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ANY(%s)", (list(LABELLED),))
+        while rows := await cur.fetchmany(VERIFY_CHUNK):
+            labels = [label for row in rows for label in label_rows(None, _legacy_entity(row))]
+            if labels:
+                async with conn.cursor() as writer:
+                    await writer.executemany(f"INSERT INTO labels ({LABEL_COLUMNS}) VALUES (%s,%s,%s,%s,%s)", labels)
+
+
+def _legacy_entity(row: tuple[Any, ...]) -> Entity:
+    """An entity row of any age; data that no longer parses labels only its state."""
+    try:
+        return entity_from_row(row)
+    except ValueError:
+        return entity_from_row((*row[:6], "{}", *row[7:11], "{}"))
+
+
+Migration = str | Callable[[Connection], Awaitable[None]]
 
 # Text keys are COLLATE "C" so that ORDER BY and keyset cursors compare code points, as the
 # SQLite and memory stores (and Python) do, whatever the database's default collation is.
-MIGRATIONS: dict[int, list[str]] = {
+MIGRATIONS: dict[int, list[Migration]] = {
     1: [
         """CREATE TABLE entities (
             entity_type text COLLATE "C" NOT NULL,
@@ -150,6 +178,23 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX timers_due ON timers (due_at)",
         "CREATE INDEX timers_entity ON timers (entity_type, entity_id)",
     ],
+    # 2: listings by creation and by label (opscore/storage/rows.py), and ?at= as a seek:
+    # each record keeps the entity's revision after it (NULL on rows written before).
+    2: [
+        "ALTER TABLE audit ADD COLUMN revision bigint",
+        "CREATE INDEX audit_moment ON audit (entity_type, entity_id, recorded_at, id)",
+        "CREATE INDEX entities_created ON entities (entity_type, created_at, entity_id)",
+        """CREATE TABLE labels (
+            entity_type text COLLATE "C" NOT NULL,
+            entity_id text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            value text COLLATE "C",
+            created_at text COLLATE "C" NOT NULL,
+            PRIMARY KEY (entity_type, entity_id, key)
+        )""",
+        "CREATE INDEX labels_value ON labels (entity_type, key, value, created_at, entity_id)",
+        _backfill_labels,
+    ],
 }
 
 VERIFY_CHUNK = 5000
@@ -178,7 +223,12 @@ _UPDATE_ENTITY = (
     "last_report_at=%s, last_details=%s, capabilities=%s WHERE entity_type=%s AND entity_id=%s"
 )
 _INSERT_AUDIT = (
-    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (%s,%s,%s,%s,%s,%s,%s)"
+    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision) "
+    "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+)
+_UPSERT_LABELS = (
+    f"INSERT INTO labels ({LABEL_COLUMNS}) VALUES {{rows}} "
+    "ON CONFLICT (entity_type, entity_id, key) DO UPDATE SET value = excluded.value"
 )
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
 _NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text"
@@ -233,20 +283,27 @@ def _entity_params(e: Entity) -> tuple[Any, ...]:
     return (*entity_values(e), _capabilities(e.data))
 
 
-_WRITES: dict[tuple[bool, bool, bool], str] = {}
+_WRITES: dict[tuple[bool, bool, bool, int], str] = {}
 
 
 def _write(
-    entity: Entity | None, record: dict[str, Any] | None, idempotency: IdempotencyEntry | None
+    entity: Entity,
+    record: dict[str, Any] | None,
+    idempotency: IdempotencyEntry | None,
+    *,
+    update: bool = True,
+    labels: list[tuple[Any, ...]] | None = None,
 ) -> tuple[str, tuple[Any, ...]]:
-    """ONE statement for the rest of a change: audit record, idempotency answer, entity update.
+    """ONE statement for the rest of a change: audit record, idempotency answer, labels, entity update.
 
     Data-modifying CTEs all run, whatever the outer statement reads; a duplicate idempotency
-    key fails the statement with ``idempotency_pkey``. ``entity`` is ``None`` when it was
-    just inserted. Fewer statements is what matters here: each costs a round trip and about
-    as much Python in psycopg as the rest of the write.
+    key fails the statement with ``idempotency_pkey``. ``update`` is false when the entity was
+    just inserted. ``labels`` are the rows :func:`~opscore.storage.rows.label_rows` found moved
+    (none for most changes: then the statement is what it was before labels). Fewer statements
+    is what matters here: each costs a round trip and about as much Python in psycopg as the
+    rest of the write.
     """
-    shape = (record is not None, idempotency is not None, entity is not None)
+    shape = (record is not None, idempotency is not None, update, len(labels) if labels else 0)
     params: list[Any] = []
     if record is not None:
         params += [
@@ -257,11 +314,14 @@ def _write(
             record["outcome"],
             record["recordedAt"],
             dumps(record),
+            entity.revision,
         ]
     if idempotency is not None:
         entry = stored_answer(idempotency, record)
         params += [entry.scope, entry.key, entry.fingerprint, entry.status, dumps(entry.body)]
-    if entity is not None:
+    if labels:
+        params += [value for row in labels for value in row]
+    if update:
         params += [
             entity.state,
             entity.revision,
@@ -283,6 +343,8 @@ def _write(
             parts.append(f"a AS ({_INSERT_AUDIT})")
         if shape[1]:
             parts.append(f"i AS ({_INSERT_IDEMPOTENCY})")
+        if shape[3]:
+            parts.append(f"l AS ({_UPSERT_LABELS.format(rows=','.join(['(%s,%s,%s,%s,%s)'] * shape[3]))})")
         head = f"WITH {', '.join(parts)} " if parts else ""
         sql = _WRITES[shape] = head + (_UPDATE_ENTITY if shape[2] else "SELECT 1")
     return sql, tuple(params)
@@ -309,6 +371,7 @@ class PostgresStore(Store):
         self.max_size = max(self.max_size, self.min_size, 1)
         self.timeout = timeout if timeout is not None else float(_env_int("OPSCORE_PG_POOL_TIMEOUT", 10))
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
+        self._version = SCHEMA_VERSION
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -364,8 +427,11 @@ class PostgresStore(Store):
                     code="schema_too_new",
                 )
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[v]:
-                    await conn.execute(statement)
+                for step in MIGRATIONS[v]:
+                    if isinstance(step, str):
+                        await conn.execute(step)
+                    else:
+                        await step(conn)
             if row is None:
                 await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
             elif version != SCHEMA_VERSION:
@@ -380,11 +446,12 @@ class PostgresStore(Store):
             except pg_errors.UndefinedTable as exc:
                 raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
         version = int(row[0]) if row else 0
-        if version != SCHEMA_VERSION:
+        if not 1 <= version <= SCHEMA_VERSION:  # an older schema is read as it is: a reader never migrates
             raise StorageError(
                 f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
                 code="schema_mismatch",
             )
+        self._version = version
         return version
 
     @asynccontextmanager
@@ -425,6 +492,20 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             row = await (await conn.execute(_SELECT_ENTITY, (entity_type, entity_id))).fetchone()
         return None if row is None else entity_from_row(row)
+
+    async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
+        """One query for all of them (a run's tasks), in the order asked."""
+        if not entity_ids:
+            return []
+        async with self._connection() as conn:
+            rows = await (
+                await conn.execute(
+                    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = ANY(%s)",
+                    (entity_type, list(entity_ids)),
+                )
+            ).fetchall()
+        found = {row[1]: entity_from_row(row) for row in rows}
+        return [found.get(entity_id) for entity_id in entity_ids]
 
     async def apply(self, change: Change) -> Committed:
         """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT.
@@ -508,13 +589,14 @@ class PostgresStore(Store):
                 current, record_id, clock, attempt.xid = entity_from_row(row), row[-3], row[-2], row[-1]
             now = _utc_text(clock)
             new, record, created = next_entity(current, change, now=now, record_id=record_id)
+            labels = label_rows(current, new) if new.entity_type in LABELLED else None
             if not created:
-                await conn.execute(*_write(new, record, change.idempotency))
+                await conn.execute(*_write(new, record, change.idempotency, labels=labels))
                 break
             cur = await conn.execute(_INSERT_ENTITY, _entity_params(new))
             if await cur.fetchone() is not None:
-                if record is not None or change.idempotency is not None:
-                    await conn.execute(*_write(None, record, change.idempotency))
+                if record is not None or change.idempotency is not None or labels:
+                    await conn.execute(*_write(new, record, change.idempotency, update=False, labels=labels))
                 break
             # Another transaction created it meanwhile (ON CONFLICT waited for its commit): lock that row, redo.
         else:
@@ -548,6 +630,21 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             rows = await (await conn.execute(sql, params)).fetchall()
         return [(int(r[0]), str(r[1])) for r in rows]
+
+    async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
+        """The seek of :func:`opscore.storage.rows.seek`, every step on one pooled connection."""
+        if self._version < 2:
+            return None
+        steps = seek(POSTGRES, entity_type, entity_id, moment)
+        async with self._connection() as conn:
+            try:
+                sql, params = next(steps)
+                while True:
+                    row = await (await conn.execute(sql, params)).fetchone()
+                    sql, params = steps.send(row)
+            except StopIteration as done:
+                result: Position | None = done.value
+                return result
 
     async def verify(self) -> audit.Verification:
         """Stream every record in id order from one snapshot; parse and hash off the event loop."""
@@ -637,10 +734,14 @@ class PostgresStore(Store):
             row = await cur.fetchone()
         return None if row is None else json.loads(row[0])
 
-    async def list_definitions(self) -> list[dict[str, Any]]:
+    async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
         async with self._connection() as conn:
-            rows = await (await conn.execute("SELECT body FROM definitions ORDER BY n")).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            rows = await (
+                await conn.execute(
+                    "SELECT n, body FROM definitions WHERE n > %s ORDER BY n LIMIT %s", (after or 0, limit)
+                )
+            ).fetchall()
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
         """Lease due timers; ``SKIP LOCKED`` lets replicas claim side by side, each timer once."""

@@ -31,22 +31,55 @@ from typing import Any
 
 from opscore import audit
 from opscore.errors import Conflict, IdempotencyKeyInUse, OpsCoreError, StorageError, Unavailable
-from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
+from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
+    LABEL_COLUMNS,
+    LABELLED,
     SQLITE,
     TIMER_COLUMNS,
     entity_from_row,
     entity_values,
+    label_rows,
+    seek,
     select_audit,
     select_entities,
     timer_from_row,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-MIGRATIONS: dict[int, list[str]] = {
+
+def _backfill_labels(conn: sqlite3.Connection) -> None:
+    """Label every existing entity of a labelled type (schema 2): read in Python, never with SQL JSON."""
+    types = list(LABELLED)
+    marks = ",".join("?" * len(types))
+    last: tuple[str, str] = ("", "")
+    while True:
+        rows = conn.execute(
+            f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type IN ({marks}) "
+            "AND (entity_type, entity_id) > (?, ?) ORDER BY entity_type, entity_id LIMIT 5000",
+            [*types, *last],
+        ).fetchall()
+        if not rows:
+            return
+        labels = [label for row in rows for label in label_rows(None, _legacy_entity(row))]
+        _write_rows(conn, _UPSERT_LABELS_HEAD, 5, labels, _UPSERT_LABELS_TAIL)
+        last = (rows[-1][0], rows[-1][1])
+
+
+def _legacy_entity(row: tuple[Any, ...]) -> Entity:
+    """An entity row of any age; data that no longer parses labels only its state."""
+    try:
+        return entity_from_row(row)
+    except ValueError:
+        return entity_from_row((*row[:6], "{}", *row[7:11], "{}"))
+
+
+Migration = str | Callable[[sqlite3.Connection], None]
+
+MIGRATIONS: dict[int, list[Migration]] = {
     1: [
         """CREATE TABLE entities (
             entity_type TEXT NOT NULL,
@@ -108,6 +141,23 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX timers_due ON timers (due_at)",
         "CREATE INDEX timers_entity ON timers (entity_type, entity_id)",
     ],
+    # 2: listings by creation and by label (opscore/storage/rows.py), and ?at= as a seek:
+    # each record keeps the entity's revision after it (NULL on rows written before).
+    2: [
+        "ALTER TABLE audit ADD COLUMN revision INTEGER",
+        "CREATE INDEX audit_moment ON audit (entity_type, entity_id, recorded_at)",
+        "CREATE INDEX entities_created ON entities (entity_type, created_at, entity_id)",
+        """CREATE TABLE labels (
+            entity_type TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (entity_type, entity_id, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX labels_value ON labels (entity_type, key, value, created_at, entity_id)",
+        _backfill_labels,
+    ],
 }
 
 WRITER_CACHE_KIB = 64 * 1024
@@ -123,8 +173,12 @@ def path_from_url(url: str) -> str:
 
 
 _SELECT_ENTITY = f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ? AND entity_id = ?"
-_INSERT_AUDIT = "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) VALUES (?,?,?,?,?,?,?)"
-_INSERT_AUDIT_HEAD = "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body)"
+_INSERT_AUDIT = (
+    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision) VALUES (?,?,?,?,?,?,?,?)"
+)
+_INSERT_AUDIT_HEAD = "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision)"
+_UPSERT_LABELS_HEAD = f"INSERT INTO labels ({LABEL_COLUMNS})"
+_UPSERT_LABELS_TAIL = "ON CONFLICT (entity_type, entity_id, key) DO UPDATE SET value = excluded.value"
 
 _UPSERT_HEAD = f"INSERT INTO entities ({ENTITY_COLUMNS})"
 _UPSERT_TAIL = (
@@ -162,8 +216,11 @@ def migrate(conn: sqlite3.Connection) -> int:
                 code="schema_too_new",
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[v]:
-                conn.execute(statement)
+            for step in MIGRATIONS[v]:
+                if isinstance(step, str):
+                    conn.execute(step)
+                else:
+                    step(conn)
         if row is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         else:
@@ -176,13 +233,17 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 def check_version(conn: sqlite3.Connection) -> int:
-    """The schema version of a database this process will only read; refuse unknown ones."""
+    """The schema version of a database this process will only read; refuse unknown ones.
+
+    An older version is read as it is (a reader never migrates): what ``opscore audit
+    verify``/``export`` read has not changed since version 1.
+    """
     try:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
     except sqlite3.OperationalError as exc:
         raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
     version = int(row[0]) if row else 0
-    if version != SCHEMA_VERSION:
+    if not 1 <= version <= SCHEMA_VERSION:
         raise StorageError(
             f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
             code="schema_mismatch",
@@ -223,15 +284,20 @@ class _Deferred:
     go out as multi-row INSERTs of 64, a handful of statements per batch.
     """
 
-    __slots__ = ("audit", "entities")
+    __slots__ = ("audit", "entities", "labels")
 
     def __init__(self) -> None:
         self.audit: list[tuple[Any, ...]] = []
         self.entities: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self.labels: list[tuple[Any, ...]] = []
+        """Label rows in the order their changes were applied (a later one overrides)."""
 
     def write(self, conn: sqlite3.Connection) -> None:
-        _write_rows(conn, _INSERT_AUDIT_HEAD, 7, self.audit, "")
+        _write_rows(conn, _INSERT_AUDIT_HEAD, 8, self.audit, "")
         _write_rows(conn, _UPSERT_HEAD, 12, list(self.entities.values()), _UPSERT_TAIL)
+        if self.labels:
+            _write_rows(conn, _UPSERT_LABELS_HEAD, 5, self.labels, _UPSERT_LABELS_TAIL)
+            self.labels.clear()
         self.audit.clear()
         self.entities.clear()
 
@@ -264,6 +330,7 @@ class SQLiteStore(Store):
         self.batched = 0
         self._deferred = _Deferred()
         self._failure = StorageError("the SQLite commit failed")
+        self._version = SCHEMA_VERSION
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -271,7 +338,7 @@ class SQLiteStore(Store):
         """Take the file (lock, migrate) and start the writer; read-only: only check the schema."""
         self._loop = asyncio.get_running_loop()
         if self.readonly:
-            await self._read(check_version)
+            self._version = await self._read(check_version)
             return
         await asyncio.to_thread(self._open_sync)
         self._writer = threading.Thread(target=self._writer_main, name="opscore-sqlite-writer", daemon=True)
@@ -415,6 +482,7 @@ class SQLiteStore(Store):
         except BaseException as exc:  # noqa: BLE001 - nothing of this transaction is acknowledged
             deferred.audit.clear()
             deferred.entities.clear()
+            deferred.labels.clear()
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._next_id = first_id
@@ -462,15 +530,21 @@ class SQLiteStore(Store):
                 record["outcome"],
                 record["recordedAt"],
                 audit.text_of(record),
+                new.revision,
             )
             if plain:
                 deferred.audit.append(row)
             else:
                 conn.execute(_INSERT_AUDIT, row)
+        labels = label_rows(current, new) if new.entity_type in LABELLED else None
         if plain:
             deferred.entities[key] = entity_values(new)
+            if labels:
+                deferred.labels.extend(labels)
         else:
             conn.execute(_UPSERT, entity_values(new))
+            if labels:
+                _write_rows(conn, _UPSERT_LABELS_HEAD, 5, labels, _UPSERT_LABELS_TAIL)
         if change.idempotency is not None:
             entry = stored_answer(change.idempotency, record)
             try:
@@ -638,6 +712,23 @@ class SQLiteStore(Store):
         rows: list[tuple[int, str]] = await self._read(lambda c: c.execute(sql, params).fetchall())
         return rows
 
+    async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
+        """The seek of :func:`opscore.storage.rows.seek`, every step in one worker thread."""
+        if self._version < 2:
+            return None
+
+        def run(conn: sqlite3.Connection) -> Position | None:
+            steps = seek(SQLITE, entity_type, entity_id, moment)
+            try:
+                sql, params = next(steps)
+                while True:
+                    sql, params = steps.send(conn.execute(sql, params).fetchone())
+            except StopIteration as done:
+                result: Position | None = done.value
+                return result
+
+        return await self._read(run)  # type: ignore[no-any-return]
+
     def iter_records(self, conn: sqlite3.Connection, chunk: int = 10_000) -> Iterator[dict[str, Any]]:
         """Every audit record in id order (which is ``seq`` order within each entity)."""
         last = 0
@@ -698,9 +789,13 @@ class SQLiteStore(Store):
         row = await self._read(lambda c: c.execute(sql, params).fetchone())
         return None if row is None else json.loads(row[0])
 
-    async def list_definitions(self) -> list[dict[str, Any]]:
-        rows = await self._read(lambda c: c.execute("SELECT body FROM definitions ORDER BY n").fetchall())
-        return [json.loads(r[0]) for r in rows]
+    async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT n, body FROM definitions WHERE n > ? ORDER BY n LIMIT ?", (after or 0, limit)
+            ).fetchall()
+        )
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
         def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> list[Timer]:

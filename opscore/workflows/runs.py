@@ -375,7 +375,12 @@ class Runs:
                     details={"reason": "not on the path the run took"},
                 )
         await self.engine.fire(
-            WORKFLOW, sid, "complete", ctx=cas(run), data={"results": results}, details={"path": run.data.get("path")}
+            WORKFLOW,
+            sid,
+            "complete",
+            ctx=cas(run),
+            data={"results": results, "reason": None},
+            details={"path": run.data.get("path")},
         )
 
     async def _fail_run(self, run: Entity, reason: str, task_id: str | None) -> None:
@@ -766,7 +771,9 @@ class Runs:
             )
         async with self._run_locks.hold(session_id):
             run = await self.engine.get(WORKFLOW, session_id)
-            await self.engine.fire(WORKFLOW, session_id, trigger, ctx=ctx, details=details)
+            # back to running: the failure that stopped it is no longer the run's reason
+            cleared = {"reason": None} if trigger in ("resume", "retry") else None
+            await self.engine.fire(WORKFLOW, session_id, trigger, ctx=ctx, details=details, data=cleared)
             if trigger == "cancel":
                 await self._cancel_tasks(run)
             elif trigger == "retry":

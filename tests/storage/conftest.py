@@ -61,6 +61,21 @@ class Backend:
         async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
             return (await conn.execute(sql, params)).rowcount  # type: ignore[arg-type]
 
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Raw SQL (``%s`` placeholders) on the database, beside the store; the rows."""
+        if self.name == "sqlite":
+
+            def run() -> list[tuple[Any, ...]]:
+                conn = sqlite3.connect(path_from_url(self.url), isolation_level=None)
+                try:
+                    return conn.execute(sql.replace("%s", "?"), params).fetchall()
+                finally:
+                    conn.close()
+
+            return await asyncio.to_thread(run)
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            return await (await conn.execute(sql, params)).fetchall()  # type: ignore[arg-type]
+
     async def tamper_body(self, store: Store, record_id: int, change: dict[str, Any]) -> None:
         """Rewrite a stored record's content, leaving its stored hash as it was."""
         if isinstance(store, MemoryStore):

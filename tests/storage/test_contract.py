@@ -500,3 +500,205 @@ def test_concurrent_writers_on_one_entity_lose_no_update(backend: Backend) -> No
     states = [r["dest"] for r in records]
     assert states == [NEXT[s] for s in ["registered", *states[:-1]]]  # each applied from the one before
     assert verification.ok, verification.problems
+
+
+# -- listings by creation, filtered by labels (schema 2) -------------------------------------
+
+
+async def _keyset_walk(store: Store, size: int, **kw: Any) -> list[str]:
+    """Every page of ``size`` in creation order, each continued from the last entity's position."""
+    walked: list[str] = []
+    after: tuple[str, str] | None = None
+    while True:
+        query = EntityQuery(
+            "workflow",
+            by_created=True,
+            limit=size,
+            after_created=None if after is None else after[0],
+            after_id=None if after is None else after[1],
+            **kw,
+        )
+        page = await store.list_entities(query)
+        assert len(page) <= size
+        walked += [e.entity_id for e in page]
+        if len(page) < size:
+            return walked
+        after = (page[-1].created_at, page[-1].entity_id)
+
+
+def test_list_entities_by_creation_filtered_by_labels(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        for n in range(9):
+            eid = f"r{8 - n}"  # ids against creation order: creation order must not be id order
+            data = {"workflowId": f"wf-{n % 3}", "agentId": f"ag-{n % 2}", "n": n}
+            await store.apply(Change("workflow", eid, create=Entity("workflow", eid, "pending", data=data)))
+        await store.apply(Change("workflow", "bare", create=Entity("workflow", "bare", "pending")))
+        odd = Entity("workflow", "odd", "pending", data={"workflowId": 7, "agentId": ["ag-0"]})
+        await store.apply(Change("workflow", "odd", create=odd))
+        await store.apply(Change("agent", "x", create=Entity("agent", "x", "registered", data={"workflowId": "wf-0"})))
+
+        everything = await store.list_entities(EntityQuery("workflow", limit=100))
+        order = [e.entity_id for e in sorted(everything, key=lambda e: (e.created_at, e.entity_id))]
+        data = {e.entity_id: e.data for e in everything}
+
+        def having(**fields: str) -> list[str]:
+            return [eid for eid in order if all(data[eid].get(k) == v for k, v in fields.items())]
+
+        async def ids(**kw: Any) -> list[str]:
+            return [e.entity_id for e in await store.list_entities(EntityQuery("workflow", by_created=True, **kw))]
+
+        assert len(order) == 11 and order[:9] == [f"r{8 - n}" for n in range(9)]
+        assert await ids() == order
+        assert await ids(descending=True) == order[::-1]
+        wf1 = (("workflowId", "wf-1"),)
+        assert await ids(labels=wf1) == having(workflowId="wf-1") == ["r7", "r4", "r1"]
+        assert await ids(labels=wf1, descending=True) == ["r1", "r4", "r7"]
+        both = (("workflowId", "wf-0"), ("agentId", "ag-0"))
+        assert await ids(labels=both) == having(workflowId="wf-0", agentId="ag-0") == ["r8", "r2"]
+        assert await ids(labels=(("agentId", "ag-0"),), limit=2, descending=True) == having(agentId="ag-0")[::-1][:2]
+        assert await ids(labels=(("workflowId", "wf-none"),)) == []
+        assert await ids(labels=(("workflowId", "7"),)) == []  # only strings are labels
+        assert await ids(id_prefix="r", labels=wf1) == ["r7", "r4", "r1"]
+
+        for size in (1, 2, 4):
+            assert await _keyset_walk(store, size) == order
+            assert await _keyset_walk(store, size, descending=True) == order[::-1]
+            assert await _keyset_walk(store, size, labels=(("agentId", "ag-1"),)) == having(agentId="ag-1")
+            assert await _keyset_walk(store, size, labels=wf1, descending=True) == ["r1", "r4", "r7"]
+
+        # a run's state is a label too, moved by its transitions, and only by committed ones
+        for eid in ("r4", "r2"):
+            start = audit.draft(entity_type="workflow", entity_id=eid, event="start", source="pending",
+                                dest="running", outcome="applied", reason=None, actor="key:test", request_id=None,
+                                details={}, reported_at=None)  # fmt: skip
+            await store.apply(Change("workflow", eid, expected_revision=0, state="running", record=start))
+        assert await ids(state="running") == ["r4", "r2"]
+        assert await ids(state="running", descending=True) == ["r2", "r4"]
+        assert await ids(state="pending", labels=wf1) == ["r7", "r1"]
+        assert await ids(state="running", labels=(("agentId", "ag-0"),)) == ["r4", "r2"]
+        assert await _keyset_walk(store, 1, state="pending", labels=wf1) == ["r7", "r1"]
+        with pytest.raises(RevisionConflict):
+            refused = draft("r7", "pending", "failed", entity_type="workflow")
+            await store.apply(Change("workflow", "r7", expected_revision=5, state="failed", record=refused))
+        assert await ids(state="failed") == []
+
+        # a labelled key that changes moves its label; one that goes away (or stops being text) drops it
+        await store.apply(Change("workflow", "r7", data={"workflowId": "wf-9"}))
+        assert await ids(labels=(("workflowId", "wf-9"),)) == ["r7"]
+        assert await ids(labels=wf1) == ["r4", "r1"]
+        await store.apply(Change("workflow", "r7", data={"workflowId": None}))
+        assert await ids(labels=(("workflowId", "wf-9"),)) == []
+        await store.apply(Change("workflow", "bare", data={"agentId": "ag-1"}))
+        assert (await ids(labels=(("agentId", "ag-1"),)))[-1:] == ["bare"]
+
+        with pytest.raises(ValueError, match="no label"):
+            await ids(labels=(("currentTaskId", "t1"),))
+        with pytest.raises(ValueError, match="no label"):
+            await store.list_entities(EntityQuery("agent", labels=(("workflowId", "wf-0"),)))
+        assert [e.entity_id for e in await store.list_entities(EntityQuery("agent", by_created=True))] == ["x"]
+        if backend.name != "memory":  # entity types without labels write no label row
+            assert await backend.query("SELECT count(*) FROM labels WHERE entity_type <> 'workflow'") == [(0,)]
+
+    backend.run(scenario)
+
+
+# -- ?at= as a seek (schema 2) ----------------------------------------------------------------
+
+
+def just_before(moment: str) -> str:
+    from datetime import datetime, timedelta
+
+    return (datetime.fromisoformat(moment) - timedelta(microseconds=1)).isoformat(timespec="microseconds")
+
+
+async def build_history(store: Store, entity_id: str) -> list[dict[str, Any]]:
+    """A chain with refusals before and between transitions and metadata records after them."""
+
+    def metadata(state: str) -> dict[str, Any]:
+        return audit.draft(entity_type="agent", entity_id=entity_id, event=audit.METADATA_EVENT, source=state,
+                           dest=state, outcome="applied", reason=None, actor="key:test", request_id=None,
+                           details={"changed": {"v": {"old": 1, "new": 2}}}, reported_at=None)  # fmt: skip
+
+    await store.apply(Change("agent", entity_id, create=Entity("agent", entity_id, "registered")))
+    refuse = Change("agent", entity_id, record=draft(entity_id, "registered", "active", outcome="rejected"))
+    await store.apply(refuse)  # a refusal at revision 0
+    await step(store, entity_id)  # registered -> idle
+    for _ in range(3):
+        await store.apply(Change("agent", entity_id, record=draft(entity_id, "idle", "error", outcome="rejected")))
+    await step(store, entity_id)  # idle -> active
+    await store.apply(Change("agent", entity_id, data={"v": 2}, record=metadata("active")))
+    await store.apply(Change("agent", entity_id, record=draft(entity_id, "active", "error", outcome="rejected")))
+    await step(store, entity_id)  # active -> idle
+    await store.apply(Change("agent", entity_id, data={"v": 3}, record=metadata("idle")))
+    await step(store, entity_id)  # idle -> active
+    return await chain(store, entity_id)
+
+
+def moments_of(entity: Entity, records: list[dict[str, Any]]) -> list[str]:
+    moments = [entity.created_at]
+    for r in records:
+        moments += [just_before(r["recordedAt"]), r["recordedAt"]]
+    return [*moments, "2999-01-01T00:00:00.000000+00:00"]
+
+
+def test_at_a_moment_seeks_and_agrees_with_the_replay(backend: Backend) -> None:
+    """``history.at`` (a seek on the SQL stores) answers exactly what replaying the chain answers."""
+    from opscore import history
+
+    async def scenario(store: Store) -> None:
+        records = await build_history(store, "h")
+        entity = await store.get("agent", "h")
+        assert entity is not None and entity.revision == 4 and len(records) == 11
+        seen = set()
+        for moment in moments_of(entity, records):
+            for last in (0, 1, 3, 10):
+                fast = await history.at(store, entity, "registered", moment, last)
+                slow = await history.replay(store, entity, "registered", moment, last)
+                assert fast == slow, moment
+                seen.add((fast.state, fast.revision))
+            position = await store.position_at("agent", "h", moment)
+            assert (position is None) == (backend.name == "memory")  # the SQL stores seek every time
+        assert seen == {("registered", 0), ("idle", 1), ("active", 2), ("idle", 3), ("active", 4)}
+        late = await history.at(store, entity, "registered", records[6]["recordedAt"], 10)  # the metadata record
+        assert (late.state, late.revision, late.seq, late.previous_state) == ("active", 2, 7, "idle")
+        assert late.timestamp == late.since == records[5]["recordedAt"] and late.details["n"] == 1.5
+        assert [r["dest"] for r in late.path] == ["idle", "active"]
+
+    backend.run(scenario)
+
+
+# -- definitions, a page at a time -------------------------------------------------------------
+
+
+def test_definitions_come_a_page_at_a_time_oldest_first(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        assert await store.definitions_page(None, 10) == []
+        bodies = [{"id": f"d{n}", "version": "1"} for n in (3, 1, 2, 0)]
+        for body in bodies:
+            await store.put_definition(body["id"], "1", body)
+        await store.put_definition("d1", "1", {"id": "d1", "version": "1"})  # already stored: no new position
+        everything = await store.definitions_page(None, 100)
+        assert [body for _, body in everything] == bodies
+        positions = [n for n, _ in everything]
+        assert positions == sorted(positions) and len(set(positions)) == 4
+        walked, after = [], None
+        while page := await store.definitions_page(after, 3):
+            walked += page
+            after = page[-1][0]
+        assert walked == everything
+        assert await store.definitions_page(positions[1], 1) == everything[2:3]
+        assert await store.list_definitions() == bodies
+
+    backend.run(scenario)
+
+
+def test_get_many_answers_in_the_order_asked(backend: Backend) -> None:
+    async def scenario(store: Store) -> None:
+        for eid in ("t1", "t2", "t3"):
+            await store.apply(Change("task", eid, create=Entity("task", eid, "pending", data={"n": eid})))
+        found = await store.get_many("task", ["t3", "nope", "t1", "t3"])
+        assert [None if e is None else e.data["n"] for e in found] == ["t3", None, "t1", "t3"]
+        assert await store.get_many("task", []) == []
+        assert await store.get_many("agent", ["t1"]) == [None]
+
+    backend.run(scenario)

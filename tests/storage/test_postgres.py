@@ -17,11 +17,21 @@ import pytest
 from opscore.errors import Invalid, StorageError, Unavailable
 from opscore.models import Change, Entity
 from opscore.storage import open_store
+from opscore.storage.postgres import SCHEMA_VERSION
 from tests.conftest import PG_URL
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
 
-TABLES = {"audit", "definitions", "entities", "idempotency", "schema_version", "timers", "webhook_signatures"}
+TABLES = {
+    "audit",
+    "definitions",
+    "entities",
+    "idempotency",
+    "labels",
+    "schema_version",
+    "timers",
+    "webhook_signatures",
+}
 
 
 @pytest.fixture
@@ -56,7 +66,7 @@ def test_replicas_starting_together_migrate_once_into_the_urls_schema(pg_url: st
     with psycopg.connect(PG_URL) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))}
         assert tables == TABLES
-        assert conn.execute(f'SELECT version FROM "{schema}".schema_version').fetchall() == [(1,)]
+        assert conn.execute(f'SELECT version FROM "{schema}".schema_version').fetchall() == [(SCHEMA_VERSION,)]
 
 
 def test_a_newer_schema_refuses_to_start(pg_url: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from opscore import diagrams, history
@@ -18,8 +18,9 @@ from opscore.api.deps import CallerDep, EngineDep, parse_moment
 from opscore.api.openapi import errors
 from opscore.api.schemas import AgentIdPath, SessionIdPath, TaskIdPath
 from opscore.engine import Engine
-from opscore.errors import UnknownMachine
+from opscore.errors import Invalid, UnknownMachine
 from opscore.machines import MACHINES
+from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
 
 router = APIRouter(prefix="/v1/opscore", tags=["diagrams"])
 
@@ -37,7 +38,15 @@ Last = Annotated[
 ]
 At = Annotated[
     str | None,
-    Query(description="draw it as it was at this ISO-8601 time, replayed from its audit chain; default: now"),
+    Query(description="draw it as it was at this ISO-8601 time, as its audit chain says; default: now"),
+]
+View = Annotated[
+    Literal["lifecycle", "tasks"],
+    Query(
+        description="`lifecycle` (default): the run on the workflow machine; `tasks`: the run's definition as a "
+        "graph of its tasks, each labelled and coloured by its state (and attempt), `nextTaskId` edges solid, "
+        "`fallbackTaskId` edges dashed, the run's current task outlined (takes no `at` or `last`)"
+    ),
 ]
 
 DIAGRAM_CONTENT: dict[int | str, dict[str, Any]] = {
@@ -110,20 +119,57 @@ async def agent_diagram(
 
 @router.get(
     "/workflows/{session_id}/diagram",
-    summary="A workflow run on the workflow machine",
+    summary="A workflow run: on the workflow machine, or as its task graph",
     response_class=Response,
     responses={**DIAGRAM_CONTENT, **errors(404, 501, 503)},
 )
 async def workflow_diagram(
     session_id: SessionIdPath,
     engine: EngineDep,
+    request: Request,
     actor: CallerDep,
     format: Format = "mermaid",
     last: Last = diagrams.DEFAULT_LAST,
     at: At = None,
+    view: View = "lifecycle",
 ) -> Response:
-    """The run (`workflow` entity `sessionId`) highlighted, with its recent path; 404 `unknown_workflow`."""
-    return await draw_entity(engine, "workflow", session_id, format, last, at, "workflow run")
+    """The run (`workflow` entity `sessionId`) highlighted, with its recent path; 404 `unknown_workflow`.
+
+    `view=tasks` draws the run's definition instead: one node per task with its state and
+    attempt, coloured by state, `nextTaskId` edges solid and `fallbackTaskId` edges dashed
+    (Mermaid `flowchart`, or SVG). 422 when `at` is given with it (task graphs are drawn as now).
+    """
+    if view == "lifecycle":
+        return await draw_entity(engine, "workflow", session_id, format, last, at, "workflow run")
+    if at is not None:
+        raise Invalid("view=tasks draws the run as it is now; leave out at", code="validation_error")
+    run = await engine.get(WORKFLOW, session_id)
+    runs: Runs = request.app.state.runs
+    definition = await runs.definition(str(run.data.get("workflowId")), str(run.data.get("workflowVersion")))
+    order = list(definition.tasks)
+    tasks = await engine.store.get_many(TASK, [task_entity_id(session_id, task_id) for task_id in order])
+    nodes = [
+        diagrams.TaskNode(
+            task_id=task_id,
+            name=spec.name,
+            state="pending" if task is None else task.state,
+            attempt=0 if task is None else int(task.data.get("attempt") or 0),
+            next_task_id=spec.next_task_id,
+            fallback_task_id=spec.fallback_task_id,
+        )
+        for task_id, spec, task in zip(order, definition.tasks.values(), tasks, strict=True)
+    ]
+    title = (
+        f"workflow run {session_id}: {definition.definition_id} v{definition.version} ({run.state}), "
+        "next solid, fallback dashed"
+    )
+    current = run.data.get("currentTaskId")
+    kwargs: dict[str, Any] = {"start": definition.start, "current": current, "title": title}
+    if format == "svg":
+        text = await asyncio.to_thread(diagrams.task_graph, nodes, "svg", **kwargs)
+    else:
+        text = diagrams.task_graph(nodes, "mermaid", **kwargs)
+    return Response(content=text, media_type=diagrams.MEDIA_TYPES[format])
 
 
 @router.get(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import Field
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
 from opscore.api.openapi import errors, example, raw_body
@@ -28,7 +29,8 @@ from opscore.api.schemas import (
     WorkflowDefinition,
 )
 from opscore.engine import Context
-from opscore.errors import Invalid, UnknownEntity
+from opscore.errors import Invalid, UnacceptableInput, UnknownEntity
+from opscore.inputs import check_id
 from opscore.models import Entity, EntityQuery
 from opscore.storage.base import Store
 from opscore.workflows.definitions import parse
@@ -103,11 +105,9 @@ def run_summary(run: Entity) -> dict[str, Any]:
 
 
 async def run_view(store: Store, run: Entity) -> dict[str, Any]:
-    tasks = []
-    for task_id in run.data.get("taskIds", []):
-        task = await store.get(TASK, task_entity_id(run.entity_id, task_id))
-        if task is not None:
-            tasks.append(task_view(task))
+    """The run with its tasks, read with one query (``get_many``), in the definition's order."""
+    ids = [task_entity_id(run.entity_id, task_id) for task_id in run.data.get("taskIds", [])]
+    tasks = [task_view(task) for task in await store.get_many(TASK, ids) if task is not None]
     return {
         **run_summary(run),
         "initialPayload": run.data.get("initialPayload", {}),
@@ -140,13 +140,25 @@ async def publish_definition(request: Request, actor: CallerDep) -> JsonAnswer:
 
 @router.get(
     "/workflow-definitions",
-    summary="Every stored workflow definition",
+    summary="Stored workflow definitions, a page at a time",
     response_model=None,
     responses={200: {"model": DefinitionList, "description": "Successful Response"}, **errors(503)},
 )
-async def list_definitions(store: StoreDep, actor: CallerDep) -> JsonAnswer:
-    """`{"items": [definition, ...]}`, oldest first."""
-    return JsonAnswer({"items": await store.list_definitions()})
+async def list_definitions(
+    store: StoreDep,
+    actor: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="definitions per page (at most 1000)")] = 100,
+    cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+) -> JsonAnswer:
+    """`{"items": [definition, ...], "nextCursor"}`, oldest first (the order they were published in,
+    which is stable: a stored definition is never replaced or removed), one query per page."""
+    after = decode_cursor(cursor)
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
+        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    page = await store.definitions_page(after, limit + 1)
+    more = len(page) > limit
+    page = page[:limit]
+    return JsonAnswer({"items": [body for _, body in page], "nextCursor": encode_cursor(page[-1][0]) if more else None})
 
 
 @router.get(
@@ -213,45 +225,67 @@ async def start_workflow(
     )
 
 
+def _filter_id(value: str | None) -> str | None:
+    """A query filter naming an id: the rule of ids in paths and bodies (422 ``invalid_id``)."""
+    if value is None:
+        return None
+    try:
+        return check_id(value)
+    except UnacceptableInput as exc:
+        raise PydanticCustomError(exc.code, exc.detail) from exc
+
+
+FilterId = AfterValidator(_filter_id)
+
+
 @router.get(
     "/workflows",
-    summary="List workflow runs",
+    summary="List workflow runs, newest first",
     response_model=None,
     responses={200: {"model": RunPage, "description": "Successful Response"}, **errors(503)},
 )
 async def list_runs(
     store: StoreDep,
     actor: CallerDep,
-    state: Annotated[str | None, Query(description="only runs in this state")] = None,
-    workflowId: Annotated[str | None, Query(description="only runs of this definition")] = None,  # noqa: N803
-    agentId: Annotated[str | None, Query(description="only runs started by this agent")] = None,  # noqa: N803
+    state: Annotated[str | None, Query(description="only runs in this state"), FilterId] = None,
+    workflowId: Annotated[str | None, Query(description="only runs of this definition"), FilterId] = None,  # noqa: N803
+    agentId: Annotated[str | None, Query(description="only runs started by this agent"), FilterId] = None,  # noqa: N803
+    order: Annotated[
+        Literal["asc", "desc"], Query(description="newest first (desc, the default) or oldest first (asc)")
+    ] = "desc",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+    cursor: Annotated[str | None, Query(description="nextCursor of the previous page (of the same order)")] = None,
 ) -> JsonAnswer:
-    """Runs ordered by sessionId, one page at a time."""
-    after = decode_cursor(cursor)
-    if after is not None and not isinstance(after, str):
+    """Runs ordered by creation (`createdAt`, then `sessionId`), one page at a time.
+
+    Every filter is an index range, however many runs are stored: `workflowId`, `agentId`
+    and `state` are labels the store keeps beside each run (opscore/storage/rows.py), and a
+    page continues from the position in its cursor.
+    """
+    position = decode_cursor(cursor, order)
+    if position is not None and not (
+        isinstance(position, list) and len(position) == 2 and all(isinstance(p, str) for p in position)
+    ):
         raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
-    found: list[Entity] = []
-    more = False
-    while True:
-        page = await store.list_entities(EntityQuery(WORKFLOW, state=state, after_id=after, limit=500))
-        for run in page:
-            if workflowId is not None and run.data.get("workflowId") != workflowId:
-                continue
-            if agentId is not None and run.data.get("agentId") != agentId:
-                continue
-            if len(found) == limit:
-                more = True
-                break
-            found.append(run)
-        if more or len(page) < 500:
-            break
-        after = page[-1].entity_id
+    labels = tuple((k, v) for k, v in (("workflowId", workflowId), ("agentId", agentId)) if v is not None)
+    page = await store.list_entities(
+        EntityQuery(
+            WORKFLOW,
+            state=state,
+            labels=labels,
+            by_created=True,
+            descending=order == "desc",
+            after_created=None if position is None else position[0],
+            after_id=None if position is None else position[1],
+            limit=limit + 1,
+        )
+    )
+    more = len(page) > limit
+    page = page[:limit]
     return JsonAnswer(
         {
-            "items": [run_summary(r) for r in found],
-            "nextCursor": encode_cursor(found[-1].entity_id) if more else None,
+            "items": [run_summary(r) for r in page],
+            "nextCursor": encode_cursor([page[-1].created_at, page[-1].entity_id], order) if more else None,
         }
     )
 
