@@ -43,7 +43,7 @@ def test_a_full_disk_makes_health_and_ready_answer_503_until_it_has_room(tmp_pat
         with server.client() as client:
             assert client.get("/ready").json()["status"] == "ready"
             sizes = [f.stat().st_size for f in tmp_path.glob("opscore.db*") if f.is_file()]
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (max(sizes) + 256 * 1024, resource.RLIM_INFINITY))
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (max(sizes) + 2 * 1024 * 1024, resource.RLIM_INFINITY))
             sent, status = fill(client, "full", 0)
             assert status in (500, 503), status
             health = client.get("/health")
