@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opscore import audit
-from opscore.errors import RevisionConflict, UnknownEntity
+from opscore.errors import Invalid, RevisionConflict, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 
 WRITE_ERROR_WINDOW = 10.0
@@ -182,6 +182,33 @@ class Store(abc.ABC):
         the text served is the text whose parse hashes to the record's ``hash``.
         """
         return [(int(r["id"]), audit.text_of(r)) for r in await self.list_audit(query)]
+
+    # -- the live stream (DESIGN §10) ----------------------------------------------------------
+
+    async def stream_page(self, after: str, query: AuditQuery) -> list[tuple[str, str]]:
+        """Records committed after position ``after``, in the one order every reader sees them.
+
+        ``[(position, JSON text as stored)]``, at most ``query.limit`` (its filters apply; its
+        cursor fields are ignored). ``after`` is a position this store handed out, or ``"0"``
+        for the very first record. The promise: a reader that resumes after position P gets
+        every record committed after it exactly once and in one order, never skipping one
+        that committed late. Here positions are record ids, which holds wherever ids are
+        given in commit order (one writer: SQLite, memory); PostgreSQL replicas override it.
+        ``Invalid`` (``invalid_position``) for a position this store never hands out.
+        """
+        start = self.parse_position(after)
+        rows = await self.list_audit_text(replace(query, after_id=start, descending=False))
+        return [(str(record_id), text) for record_id, text in rows]
+
+    async def stream_head(self) -> str:
+        """The position of now: every record committed so far is at or before it."""
+        newest = await self.list_audit_text(AuditQuery(descending=True, limit=1))
+        return str(newest[0][0]) if newest else "0"
+
+    def parse_position(self, position: str) -> int:
+        if not position.isascii() or not position.isdigit() or len(position) > 19:
+            raise Invalid("not a stream position this server handed out", code="invalid_position")
+        return int(position)
 
     async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
         """Where the entity's chain stood at ``moment`` (inclusive), found by a seek.

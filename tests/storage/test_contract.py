@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from opscore import audit
-from opscore.errors import Conflict, RevisionConflict, UnknownEntity
+from opscore.errors import Conflict, Invalid, RevisionConflict, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage import Store
 from tests.storage.conftest import Backend
@@ -700,5 +700,32 @@ def test_get_many_answers_in_the_order_asked(backend: Backend) -> None:
         assert [None if e is None else e.data["n"] for e in found] == ["t3", None, "t1", "t3"]
         assert await store.get_many("task", []) == []
         assert await store.get_many("agent", ["t1"]) == [None]
+
+    backend.run(scenario)
+
+
+def test_the_stream_hands_out_every_record_once_in_order_and_resumes(backend: Backend) -> None:
+    """DESIGN §10 at the storage port: positions are opaque, "0" is the start, the head is now."""
+
+    async def scenario(store: Store) -> None:
+        assert await store.stream_head() == "0"
+        for n in range(7):
+            await step(store, f"s{n % 3}")
+        everything = await store.stream_page("0", AuditQuery(limit=100))
+        records = [audit.loads(text) for _, text in everything]
+        assert [r["id"] for r in records] == sorted(r["id"] for r in records) and len(records) == 7
+        assert len({position for position, _ in everything}) == 7
+        assert await store.stream_head() == everything[-1][0]
+        middle = everything[3][0]
+        rest = await store.stream_page(middle, AuditQuery(limit=100))
+        assert rest == everything[4:]
+        assert await store.stream_page(everything[-1][0], AuditQuery(limit=100)) == []
+        only = await store.stream_page("0", AuditQuery(entity_id="s1", limit=100))
+        assert [audit.loads(t)["entityId"] for _, t in only] == ["s1", "s1"]
+        two = await store.stream_page("0", AuditQuery(limit=2))
+        assert two == everything[:2]
+        for bad in ("", "-1", "abc", "1" * 40, "٣"):
+            with pytest.raises(Invalid):
+                await store.stream_page(bad, AuditQuery(limit=1))
 
     backend.run(scenario)
