@@ -92,10 +92,10 @@ def banner(conf: Settings, generated: dict[str, str], env_file: Path = Path(".en
     lines += [
         "Try it from another shell in this directory:",
         f"  {load}",
-        f"  curl -s {base}/health",
-        f"  curl -s -X POST {base}/v1/opscore/agent/agent-1/state -H {auth} "
+        f"  curl -s -w '\\n' {base}/health",
+        f"  curl -s -w '\\n' -X POST {base}/v1/opscore/agent/agent-1/state -H {auth} "
         f"-H 'Content-Type: application/json' -d {report}",
-        f"  curl -s {base}/v1/opscore/agent/agent-1 -H {auth}",
+        f"  curl -s -w '\\n' {base}/v1/opscore/agent/agent-1 -H {auth}",
         "",
     ]
     return "\n".join(lines)
