@@ -1,9 +1,10 @@
 # Ops-Core: `make run` serves on 127.0.0.1:8000 with SQLite; `make test` runs the whole suite.
+#   make run PORT=8080 HOST=0.0.0.0   another port / every interface (else OPSCORE_HOST/OPSCORE_PORT, .env included)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-HOST ?= 127.0.0.1
-PORT ?= 8000
+HOST ?=
+PORT ?=
 
 .PHONY: run test check lint bench diagrams docker clean
 
@@ -19,8 +20,9 @@ $(BIN)/.test-installed: $(BIN)/.installed requirements-test.txt
 	$(BIN)/python -m pip install -q -r requirements-test.txt
 	touch $@
 
+# First run: writes OPSCORE_API_KEY and OPSCORE_WEBHOOK_SECRET into .env (shown once on stderr).
 run: $(BIN)/.installed
-	$(BIN)/opscore serve --generate-key --host $(HOST) --port $(PORT)
+	$(BIN)/opscore serve --generate-key $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 lint: $(BIN)/.test-installed
 	$(BIN)/ruff check opscore tests benchmarks

@@ -143,14 +143,6 @@ class Protocol(HttpToolsProtocol):
         if self.read_deadline is None:
             self.read_deadline = self.loop.time() + self.read_timeout
 
-    def on_url(self, url: bytes) -> None:
-        if not self.refused:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.refused:
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         if self.refused:
             return
@@ -171,6 +163,8 @@ class Protocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    # After a refusal the parser finishes the chunk it was fed; the callbacks that would start
+    # or feed a request are cut off (url and headers may still be collected: one chunk at most).
     def on_body(self, body: bytes) -> None:
         if not self.refused:
             super().on_body(body)

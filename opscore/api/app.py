@@ -106,20 +106,21 @@ class Guard:
         settings = self.settings
         limit = settings.max_body_bytes
         request_id = None
-        declared = False
+        declared = too_large = False
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > limit:
-                    scope["opscore.request_id"] = request_id or f"{next(self._ids):032x}"
-                    await _too_large(send, limit, scope["opscore.request_id"].encode("latin-1"))
-                    if settings.access_log and access_log.isEnabledFor(logging.INFO):
-                        self._log(scope, 413, started, request_id is None)
-                    return
+                # more digits than any limit has: too large without int() (which refuses 4,300+ digits)
+                too_large = value.isdigit() and (len(value) > 18 or int(value) > limit)
                 declared = True
             elif name == b"x-request-id":
                 request_id = value.decode("latin-1")[:200]
         ours = request_id is None
         scope["opscore.request_id"] = request_id or f"{next(self._ids):032x}"
+        if too_large:
+            await _too_large(send, limit, scope["opscore.request_id"].encode("latin-1"))
+            if settings.access_log and access_log.isEnabledFor(logging.INFO):
+                self._log(scope, 413, started, ours)
+            return
         received = 0
 
         async def counted() -> Message:
