@@ -1,4 +1,4 @@
-"""What ``opscore.server.Protocol`` adds to a request over uvicorn's: ``python -m benchmarks.protocol``.
+"""What ``opscore.api.server.Protocol`` adds to a request over uvicorn's: ``python -m benchmarks.protocol``.
 
 One keep-alive connection on an in-memory transport: each round feeds a state-report-sized
 request (eight headers, a 120-byte body) to ``data_received`` and lets the event loop run the
@@ -21,7 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from opscore import server
+from opscore.api import server
 
 BODY = json.dumps(
     {"agentId": "agent-0001", "timestamp": "2026-11-30T13:22:01.123456+00:00", "state": "idle", "details": {}}

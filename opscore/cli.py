@@ -102,8 +102,8 @@ def banner(conf: Settings, generated: dict[str, str], env_file: Path = Path(".en
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from opscore import logs, server
-    from opscore.api import create_app
+    from opscore import logs
+    from opscore.api import create_app, server
     from opscore.config import InvalidApiKeys
 
     generated = ensure_env() if args.generate_key else {}
@@ -346,7 +346,8 @@ def simulator_config(args: argparse.Namespace, conf: Settings) -> tuple[str, int
 def cmd_simulate(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from opscore import logs, server
+    from opscore import logs
+    from opscore.api import server
     from opscore.simulator import create_app
 
     conf = settings()
