@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from opscore import logs
 from opscore.api import create_app
 from opscore.config import InvalidApiKeys, Settings, anonymous_name
-from opscore.errors import StorageError
+from opscore.errors import StorageError, Unavailable
 from tests.api.helpers import ts
 
 KEY = "agents:secret-key-1"
@@ -180,3 +180,32 @@ def test_key_names_are_logged_at_start_and_bad_keys_refuse_to_start(caplog: pyte
     with pytest.raises(InvalidApiKeys, match="name:secret") as raised:
         run(refused, scenario)
     assert "xyz" not in str(raised.value)
+
+
+def test_no_5xx_answer_shows_internal_text_batch_items_and_health_included(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(database_url="memory://", api_key=KEY))
+    secret_words = "PostgreSQL failed: could not connect to 10.1.2.3: password authentication failed"
+
+    async def failing_many(*args: Any, **kwargs: Any) -> list[Any]:
+        return [StorageError(secret_words), Unavailable(f"PostgreSQL is unreachable: {secret_words}")]
+
+    async def failing_ping() -> None:
+        raise Unavailable(f"PostgreSQL is unreachable: {secret_words}")
+
+    async def scenario(client: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
+        app.state.engine.report_many = failing_many
+        app.state.engine.store.ping = failing_ping
+        reports = [state_body("b-1"), state_body("b-2")]
+        batch = await client.post(f"{V1}/state-reports", json={"reports": reports})
+        return batch, await client.get("/health")
+
+    with caplog.at_level(logging.INFO):
+        batch, health = run(app, scenario)
+    assert batch.status_code == 200
+    assert [r["status"] for r in batch.json()["results"]] == [500, 503]
+    assert [r["body"]["code"] for r in batch.json()["results"]] == ["storage_error", "unavailable"]
+    assert health.status_code == 503 and health.json()["code"] == "storage_unavailable"
+    for answer in (batch, health):
+        assert "10.1.2.3" not in answer.text and "PostgreSQL" not in answer.text
+    logged = lines(caplog, "opscore.api")
+    assert sum("10.1.2.3" in line.get("detail", "") for line in logged) == 3  # each detail is in the log
