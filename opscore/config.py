@@ -137,7 +137,7 @@ class Settings(BaseSettings):
         default=64 * 1024, ge=1024, validation_alias=AliasChoices("OPSCORE_MAX_HEADER_BYTES", "max_header_bytes")
     )
     read_timeout_seconds: float = Field(
-        default=10.0, gt=0, validation_alias=AliasChoices("OPSCORE_READ_TIMEOUT_SECONDS", "read_timeout_seconds")
+        default=5.0, gt=0, validation_alias=AliasChoices("OPSCORE_READ_TIMEOUT_SECONDS", "read_timeout_seconds")
     )
     max_connections: int = Field(
         default=1000, ge=1, validation_alias=AliasChoices("OPSCORE_MAX_CONNECTIONS", "max_connections")

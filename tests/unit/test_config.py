@@ -99,7 +99,7 @@ def test_every_limit_and_pool_size_is_a_setting(clean_env: Path, monkeypatch: py
     assert (defaults.max_body_bytes, defaults.max_header_bytes, defaults.read_timeout_seconds) == (
         1 << 20,
         1 << 16,
-        10.0,
+        5.0,
     )
 
 
