@@ -1,11 +1,13 @@
 # Ops-Core: `make run` serves on 127.0.0.1:8000 with SQLite; `make test` runs the whole suite.
+#   make run PORT=8080 HOST=0.0.0.0   another port / every interface (else OPSCORE_HOST/OPSCORE_PORT, .env included)
+#   make simulate [PORT=8080]         a stand-in AgentKit playing agents against it (SIMULATE_ARGS="--agents 5")
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-HOST ?= 127.0.0.1
-PORT ?= 8000
+HOST ?=
+PORT ?=
 
-.PHONY: run test check lint bench diagrams docker clean
+.PHONY: run simulate test check lint bench diagrams docker clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Ops-Core needs Python >= 3.11")'
@@ -19,8 +21,14 @@ $(BIN)/.test-installed: $(BIN)/.installed requirements-test.txt
 	$(BIN)/python -m pip install -q -r requirements-test.txt
 	touch $@
 
+# First run: writes OPSCORE_API_KEY and OPSCORE_WEBHOOK_SECRET into .env (shown once on stderr).
+# stdout is the service's JSON log and nothing else (the command itself is not echoed).
 run: $(BIN)/.installed
-	$(BIN)/opscore serve --generate-key --host $(HOST) --port $(PORT)
+	@$(BIN)/opscore serve --generate-key $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+# A stand-in AgentKit for the service `make run` started (same .env; same HOST/PORT if you gave any).
+simulate: $(BIN)/.installed
+	@$(if $(HOST),OPSCORE_HOST=$(HOST)) $(if $(PORT),OPSCORE_PORT=$(PORT)) $(BIN)/opscore simulate $(SIMULATE_ARGS)
 
 lint: $(BIN)/.test-installed
 	$(BIN)/ruff check opscore tests benchmarks

@@ -1,5 +1,8 @@
 """``opscore``: serve, verify and export the audit log, and talk to a running server.
 
+Every default comes from the one ``Settings`` (environment, then ``.env``, then defaults),
+built once per command: the CLI, the server and the simulator read the same configuration.
+
 opscore serve [--host H] [--port P] [--generate-key]
 opscore diagram (--machine NAME | --all) [--format mermaid|svg] [--out DIR]
 opscore diagram --agent ID [--last N] [--at ISO] [--format ...] [--out DIR]   (client)
@@ -8,7 +11,7 @@ opscore audit export --out FILE.jsonl
 opscore agents [--state S]            (client: OPSCORE_API_URL, OPSCORE_API_KEY)
 opscore agent ID
 opscore report ID STATE
-opscore simulate [--port 8001] [--agents N] [--latency S] [--failure-rate F]   (stand-in AgentKit)
+opscore simulate [--port P] [--agents N] [--latency S] [--failure-rate F]   (stand-in AgentKit)
 """
 
 from __future__ import annotations
@@ -16,74 +19,130 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opscore import audit
 
-DEFAULT_API_URL = "http://127.0.0.1:8000"
-
-
-def _env_key() -> str:
+if TYPE_CHECKING:
     from opscore.config import Settings
 
-    return Settings().api_key
+
+def settings() -> Settings:
+    """The one ``Settings`` of this command (environment, then ``.env``, then defaults)."""
+    from opscore.config import Settings
+
+    return Settings()
 
 
-def ensure_key(env_file: Path = Path(".env")) -> str | None:
-    """Generate an API key into ``.env`` when none is configured; the new key, or ``None``."""
-    if _env_key():
-        return None
-    key = secrets.token_urlsafe(32)
+def ensure_env(env_file: Path = Path(".env")) -> dict[str, str]:
+    """Create what a first ``make run`` needs in ``.env``: an API key and a webhook secret.
+
+    Only what is not configured yet (in the environment or ``.env``) is generated; the new
+    values are appended to ``.env`` (mode 600) and put in this process's environment. Returns
+    the generated ``{variable: value}``.
+    """
+    conf = settings()
+    wanted = {
+        "OPSCORE_API_KEY": conf.api_key,
+        "OPSCORE_WEBHOOK_SECRET": conf.webhook_secret,
+    }
+    generated = {name: secrets.token_urlsafe(32) for name, value in wanted.items() if not value.strip()}
+    if not generated:
+        return {}
     existing = env_file.read_text() if env_file.exists() else ""
     with env_file.open("a") as fh:
         if existing and not existing.endswith("\n"):
             fh.write("\n")
-        fh.write(f"OPSCORE_API_KEY={key}\n")
+        for name, value in generated.items():
+            fh.write(f"{name}={value}\n")
     env_file.chmod(0o600)
-    os.environ["OPSCORE_API_KEY"] = key
-    return key
+    os.environ.update(generated)
+    return generated
+
+
+def banner(conf: Settings, generated: dict[str, str], env_file: Path = Path(".env")) -> str:
+    """What ``opscore serve`` prints on stderr at start: where it is and commands that work when pasted.
+
+    The commands read the key from the shell (``"$OPSCORE_API_KEY"``, double quotes), loaded
+    from ``.env`` by the line above them, so the same banner works on every start; the key
+    itself is printed only on the start that generated it.
+    """
+    from opscore.config import connectable, first_secret, url_host
+
+    base = f"http://{url_host(connectable(conf.host))}:{conf.port}"
+    lines = [f"Ops-Core on {base}  (API docs: {base}/docs; logs: JSON lines on stdout)"]
+    if "OPSCORE_API_KEY" in generated:
+        lines.append(f"Generated an API key and saved it in {env_file} (shown once): {generated['OPSCORE_API_KEY']}")
+    if "OPSCORE_WEBHOOK_SECRET" in generated:
+        lines.append(f"Generated a webhook secret (OPSCORE_WEBHOOK_SECRET) for AgentKit and saved it in {env_file}")
+    keys = [p.strip() for p in conf.api_key.split(",") if p.strip()]
+    if len(keys) == 1 and first_secret(keys[0]) == keys[0]:
+        auth = '"Authorization: Bearer $OPSCORE_API_KEY"'
+        load = "set -a; . ./.env; set +a" if env_file.exists() else "export OPSCORE_API_KEY=<your key>"
+    else:  # several keys or a named one: the variable is not itself a bearer token
+        auth = '"Authorization: Bearer $KEY"'
+        load = "KEY=<the secret of one of your OPSCORE_API_KEY keys>"
+    report = '\'{"agentId":"agent-1","timestamp":"\'"$(date -u +%Y-%m-%dT%H:%M:%SZ)"\'","state":"idle","details":{}}\''
+    lines += [
+        "Try it from another shell in this directory:",
+        f"  {load}",
+        f"  curl -s -w '\\n' {base}/health",
+        f"  curl -s -w '\\n' -X POST {base}/v1/opscore/agent/agent-1/state -H {auth} "
+        f"-H 'Content-Type: application/json' -d {report}",
+        f"  curl -s -w '\\n' {base}/v1/opscore/agent/agent-1 -H {auth}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from opscore import logs
+    from opscore.api import create_app, server
+    from opscore.config import InvalidApiKeys
 
-    generated = ensure_key() if args.generate_key else None
-    if not _env_key():
+    generated = ensure_env() if args.generate_key else {}
+    conf = settings()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        conf = conf.model_copy(update=overrides)
+    if not conf.api_key.strip():
         print("OPSCORE_API_KEY is not set. Set it, or run `opscore serve --generate-key`.", file=sys.stderr)
         return 2
-    base = f"http://{args.host}:{args.port}"
-    if generated:
-        print(f"Generated an API key and saved it in .env (shown once):\n\n    OPSCORE_API_KEY={generated}\n")
-    key_hint = generated or "$OPSCORE_API_KEY   # from .env"
-    print(
-        f"Ops-Core on {base}  (docs: {base}/docs)\n"
-        f"  curl {base}/health\n"
-        f"  curl -X POST {base}/v1/opscore/agent/agent-1/state -H 'Authorization: Bearer {key_hint}' \\\n"
-        f"       -H 'Content-Type: application/json' "
-        f'-d \'{{"agentId":"agent-1","timestamp":"{datetime.now(UTC).isoformat()}","state":"idle"}}\'\n',
-        flush=True,
-    )
-    uvicorn.run(
-        "opscore.api:app",
-        host=args.host,
-        port=args.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+    try:
+        conf.api_keys  # noqa: B018 - refuse bad keys here, with the message, before anything starts
+    except InvalidApiKeys as exc:
+        print(f"opscore serve: {exc}", file=sys.stderr)
+        return 2
+    # stdout carries JSON log lines only; the banner is for the person at the terminal
+    if args.generate_key or sys.stderr.isatty():
+        print(banner(conf, generated), file=sys.stderr, flush=True)
+    logs.configure(conf.log_level)
+    logging.captureWarnings(True)  # Python warnings become JSON lines too, not stderr text
+    try:
+        return server.run(create_app(conf), conf)
+    except SystemExit as exc:  # uvicorn exits on a failed start-up (port in use, lifespan error)
+        return exc.code if isinstance(exc.code, int) else server.STARTUP_FAILURE
+    finally:
+        logs.shutdown()
 
 
 async def _verify_db() -> audit.Verification:
-    from opscore.config import Settings
     from opscore.storage import open_store
 
-    store = open_store(Settings().database_url, readonly=True)
+    conf = settings()
+    store = open_store(
+        conf.database_url,
+        readonly=True,
+        pool_min=conf.pg_pool_min,
+        pool_max=conf.pg_pool_max,
+        pool_timeout=conf.pg_pool_timeout,
+    )
     await store.open()
     try:
         return await store.verify()
@@ -106,11 +165,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 async def _export(out: Path) -> int:
-    from opscore.config import Settings
     from opscore.models import AuditQuery
     from opscore.storage import open_store
 
-    store = open_store(Settings().database_url, readonly=True)
+    conf = settings()
+    store = open_store(
+        conf.database_url,
+        readonly=True,
+        pool_min=conf.pg_pool_min,
+        pool_max=conf.pg_pool_max,
+        pool_timeout=conf.pg_pool_timeout,
+    )
     await store.open()
     count = 0
     try:
@@ -136,11 +201,14 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def _client() -> Any:
+    """An HTTP client for Ops-Core at ``Settings.opscore_url`` with the first configured key."""
     import httpx
 
-    base = os.environ.get("OPSCORE_API_URL", DEFAULT_API_URL)
-    key = os.environ.get("OPSCORE_API_KEY") or _env_key()
-    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    from opscore.config import first_secret
+
+    conf = settings()
+    key = first_secret(conf.api_key)
+    return httpx.Client(base_url=conf.opscore_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
 def _show(response: Any) -> int:
@@ -214,9 +282,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
         try:
             status, text, stem = _fetch_diagram(args)
         except httpx.HTTPError as exc:
-            print(
-                f"cannot reach Ops-Core at {os.environ.get('OPSCORE_API_URL', DEFAULT_API_URL)}: {exc}", file=sys.stderr
-            )
+            print(f"cannot reach Ops-Core at {settings().opscore_url}: {exc}", file=sys.stderr)
             return 2
         if status >= 400:
             print(text, file=sys.stderr)
@@ -246,35 +312,66 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    import uvicorn
+def simulator_config(args: argparse.Namespace, conf: Settings) -> tuple[str, int, Any]:
+    """(host, port, SimConfig) of ``opscore simulate``: each option, else the one ``Settings``.
 
-    from opscore.simulator import SimConfig, create_app
+    The simulator stands in for AgentKit, so by default it listens where Ops-Core's
+    ``AGENTKIT_API_URL`` points and calls Ops-Core where the server's own settings say it is
+    (``OPSCORE_API_URL``, else ``OPSCORE_HOST``:``OPSCORE_PORT``), with the same key and webhook
+    secret, all read from the same environment and ``.env``.
+    """
+    from opscore.config import first_secret
+    from opscore.simulator import SimConfig
 
-    api_key = os.environ.get("OPSCORE_API_KEY") or _env_key()
-    secret = os.environ.get("OPSCORE_WEBHOOK_SECRET", "")
-    if not api_key or not secret:
-        print("the simulator needs OPSCORE_API_KEY and OPSCORE_WEBHOOK_SECRET (as Ops-Core has them)", file=sys.stderr)
-        return 2
+    listen_host, listen_port = conf.agentkit_listen
+    capabilities = args.capabilities if args.capabilities is not None else conf.simulator_capabilities
     config = SimConfig(
-        opscore_url=args.opscore_url,
-        api_key=api_key,
-        webhook_secret=secret,
-        agents=args.agents,
+        opscore_url=args.opscore_url or conf.opscore_url,
+        api_key=first_secret(conf.api_key),
+        webhook_secret=conf.webhook_secret,
+        agents=args.agents if args.agents is not None else conf.simulator_agents,
         prefix=args.prefix,
-        capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
-        latency=args.latency,
-        failure_rate=args.failure_rate,
+        capabilities=[c.strip() for c in capabilities.split(",") if c.strip()],
+        latency=args.latency if args.latency is not None else conf.simulator_latency,
+        failure_rate=args.failure_rate if args.failure_rate is not None else conf.simulator_failure_rate,
         heartbeat=args.heartbeat,
         echo_task_id=args.echo_task_id,
         seed=args.seed,
     )
-    print(
-        f"AgentKit stand-in on http://{args.host}:{args.port} playing {args.agents} agents "
-        f"for Ops-Core at {config.opscore_url}",
-        flush=True,
+    host = args.host if args.host is not None else listen_host
+    port = args.port if args.port is not None else listen_port
+    return host, port, config
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from opscore import logs
+    from opscore.api import server
+    from opscore.simulator import create_app
+
+    conf = settings()
+    host, port, config = simulator_config(args, conf)
+    if not config.api_key:
+        print("the simulator needs OPSCORE_API_KEY (the same as Ops-Core's; .env is read)", file=sys.stderr)
+        return 2
+    logs.configure(conf.log_level)
+    logging.getLogger("opscore.simulator").info(
+        "simulating AgentKit",
+        extra={
+            "listen": f"http://{host}:{port}",
+            "opscoreUrl": config.opscore_url,
+            "agents": config.agents,
+            "registration": "webhook"
+            if config.webhook_secret
+            else "POST /v1/opscore/agents (no OPSCORE_WEBHOOK_SECRET)",
+        },
     )
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uv_config = uvicorn.Config(create_app(config), host=host, port=port, log_config=None, access_log=False)
+    try:
+        server.Server(uv_config).run()
+    finally:
+        logs.shutdown()
     return 0
 
 
@@ -283,16 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default=os.environ.get("OPSCORE_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("OPSCORE_PORT", "8000")))
-    serve.add_argument("--generate-key", action="store_true", help="create an API key in .env when none is set")
+    serve.add_argument("--host", default=None, help="listen address (default: OPSCORE_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (default: OPSCORE_PORT, 8000)")
+    serve.add_argument(
+        "--generate-key",
+        action="store_true",
+        help="create an API key and a webhook secret in .env when none is set (what `make run` does)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     diagram = sub.add_parser(
         "diagram",
         help="draw machines (Mermaid or SVG), or an agent's/workflow run's position and path (client)",
         description="Machines are drawn locally from opscore/machines.py; --agent/--workflow ask a running "
-        "server (OPSCORE_API_URL, default http://127.0.0.1:8000; OPSCORE_API_KEY). SVG needs Graphviz's dot.",
+        "server (OPSCORE_API_URL, else http://OPSCORE_HOST:OPSCORE_PORT; OPSCORE_API_KEY). SVG needs Graphviz's dot.",
     )
     which = diagram.add_mutually_exclusive_group(required=True)
     which.add_argument("--machine", help="one declared machine: agent, workflow or task")
@@ -325,23 +426,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("state")
     report.set_defaults(func=cmd_report)
 
-    sim = sub.add_parser("simulate", help="a stand-in AgentKit playing N simulated agents")
-    sim.add_argument("--host", default=os.environ.get("SIMULATOR_HOST", "127.0.0.1"))
-    sim.add_argument("--port", type=int, default=int(os.environ.get("SIMULATOR_PORT", "8001")))
+    sim = sub.add_parser(
+        "simulate",
+        help="a stand-in AgentKit playing N simulated agents",
+        description="Defaults come from the same settings as the server (environment, then .env): it listens "
+        "where AGENTKIT_API_URL points and calls Ops-Core at OPSCORE_API_URL, else http://OPSCORE_HOST:OPSCORE_PORT, "
+        "with OPSCORE_API_KEY and OPSCORE_WEBHOOK_SECRET.",
+    )
+    sim.add_argument("--host", default=None, help="listen address (default: the host of AGENTKIT_API_URL)")
+    sim.add_argument("--port", type=int, default=None, help="listen port (default: the port of AGENTKIT_API_URL)")
     sim.add_argument(
         "--opscore-url",
-        default=os.environ.get("OPSCORE_API_URL", "http://127.0.0.1:8000"),
-        help="Ops-Core's URL; several replicas comma separated (reports go to each in turn)",
+        default=None,
+        help="Ops-Core's URL (default: OPSCORE_API_URL, else http://OPSCORE_HOST:OPSCORE_PORT); "
+        "several replicas comma separated (reports go to each in turn)",
     )
-    sim.add_argument("--agents", type=int, default=int(os.environ.get("SIMULATOR_AGENTS", "3")))
+    sim.add_argument("--agents", type=int, default=None, help="simulated agents (default: SIMULATOR_AGENTS, 3)")
     sim.add_argument("--prefix", default="sim-agent", help="simulated agents are <prefix>-0, <prefix>-1, ...")
     sim.add_argument(
         "--capabilities",
-        default=os.environ.get("SIMULATOR_CAPABILITIES", "summarise_text,review_text"),
-        help="comma-separated capabilities of every simulated agent",
+        default=None,
+        help="comma-separated capabilities of every simulated agent (default: SIMULATOR_CAPABILITIES)",
     )
-    sim.add_argument("--latency", type=float, default=float(os.environ.get("SIMULATOR_LATENCY", "0.2")))
-    sim.add_argument("--failure-rate", type=float, default=float(os.environ.get("SIMULATOR_FAILURE_RATE", "0")))
+    sim.add_argument("--latency", type=float, default=None, help="seconds per task (default: SIMULATOR_LATENCY, 0.2)")
+    sim.add_argument(
+        "--failure-rate", type=float, default=None, help="share of failed tasks (default: SIMULATOR_FAILURE_RATE, 0)"
+    )
     sim.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats of idle agents")
     sim.add_argument("--echo-task-id", action="store_true", help="put opscore_task_id in report details")
     sim.add_argument("--seed", type=int, default=None)

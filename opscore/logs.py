@@ -1,16 +1,24 @@
 """Logging: one JSON object per line on stdout, through python-json-logger (DESIGN §8).
 
-Audit records reach the log as ``"message": "transition"`` plus the record's fields; keys and
-secrets never do (nothing here logs headers or settings).
+Every line has the same shape, whoever logs it (Ops-Core, uvicorn, a library):
+``{"time", "level", "logger", "message", ...fields}``, ``time`` in ISO-8601 UTC with
+microseconds (``2026-11-30T13:22:01.123456+00:00``, the form audit records use), and never an
+ANSI colour code (uvicorn's ``color_message`` extra is dropped). Audit records reach the log as
+``"message": "transition"`` plus the record's fields; each HTTP request as one ``"message":
+"request"`` line (:func:`access_line`). Keys and secrets never do (nothing here logs headers or
+settings).
 
-Two things keep logging off the hot path (measured in ``docs/performance.md``):
+Three things keep logging off the hot path (measured in ``docs/performance.md``):
 
 - A sealed record already carries its JSON text (``audit.Sealed``); :class:`JsonLines`
   splices it after the four logging fields instead of serialising the record again.
+- Lines logged on every request are made from a template ``LogRecord`` (:class:`LineMaker`)
+  instead of ``Logger.makeRecord`` (3 µs a line).
 - Lines are written by a background thread (:class:`BackgroundHandler`): the event loop only
   formats and enqueues; the thread writes whatever has accumulated in one ``write`` and
   flushes. A ``kill -9`` can lose lines still queued, never an audit record (those are in
-  the database before the transition is acknowledged).
+  the database before the transition is acknowledged); a SIGTERM loses none
+  (``opscore serve`` calls :func:`shutdown` after uvicorn's last line).
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ import queue
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 LINGER_SECONDS = 0.005
+
+DROPPED_EXTRAS = ("color_message",)
+"""Extras never written: uvicorn puts an ANSI-coloured copy of its message in ``color_message``."""
 
 
 class JsonLines(JsonFormatter):
@@ -38,10 +50,10 @@ class JsonLines(JsonFormatter):
     ``text``: the line ``extra=record`` would give, without a second serialisation and
     without copying 16 fields onto the ``LogRecord`` (other handlers find the record in
     ``record.audit``); both together measured 11 against 4 µs per transition.
+    ``time`` is ISO-8601 UTC on every line, whichever path formats it.
     """
 
-    _second = -1
-    _stamp = ""
+    _second_text: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         text: str | None = record.__dict__.get("opscore_json")
@@ -71,12 +83,89 @@ class JsonLines(JsonFormatter):
         return encoded
 
     def _time(self, record: logging.LogRecord) -> str:
-        """``formatTime`` (``2026-01-01 10:00:00,123``) with the per-second part computed once."""
-        second = int(record.created)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-            self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"
+        """``record.created`` as ISO-8601 UTC with microseconds; the per-second part computed once.
+
+        The cache is one tuple replaced whole, so threads formatting at once never pair one
+        second's text with another's number.
+        """
+        created = record.created
+        second = int(created)
+        cached = self._second_text
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._second_text = cached
+        return f"{cached[1]}.{int((created - second) * 1_000_000):06d}+00:00"
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        """Every line's ``time``, fast path or not, in the one format."""
+        return self._time(record)
+
+
+class LineMaker:
+    """Makes the ``LogRecord`` that ``logger.info(message, extra={"opscore_json": text})`` would.
+
+    ``Logger.makeRecord`` derives the same dozen fields every time (file and module names by
+    ``os.path`` calls, level name, process and thread facts): about 3 µs. The first record is
+    made by ``makeRecord`` and kept as a template; later ones copy it and set what differs (the
+    times and the line's JSON text). The engine's ``_log_record`` does the same for audit lines.
+    """
+
+    def __init__(self, logger: logging.Logger, message: str, level: int = logging.INFO) -> None:
+        self.logger = logger
+        self.message = message
+        self.level = level
+        self._template: dict[str, Any] = {}
+
+    def __call__(self, text: str) -> logging.LogRecord:
+        """A record whose line is ``{"time", "level", "logger", "message"}`` + the fields of ``text``."""
+        if not self._template or logging.getLogRecordFactory() is not logging.LogRecord:
+            made = self.logger.makeRecord(self.logger.name, self.level, __file__, 0, self.message, (), None)
+            if logging.getLogRecordFactory() is not logging.LogRecord:  # someone customises records: respect it
+                made.opscore_json = text
+                return made
+            self._template.update(made.__dict__)
+        line = logging.LogRecord.__new__(logging.LogRecord)
+        fields = line.__dict__
+        fields.update(self._template)
+        fields["created"] = created = time.time()
+        fields["msecs"] = int((created - int(created)) * 1000) + 0.0  # as LogRecord computes them
+        fields["relativeCreated"] = (created - logging._startTime) * 1000  # type: ignore[attr-defined]
+        fields["opscore_json"] = text
+        return line
+
+
+access_log = logging.getLogger("opscore.access")
+_access_record = LineMaker(access_log, "request")
+_encoded: dict[str, str] = {}
+
+
+def _json_text(value: str) -> str:
+    """``value`` as a JSON string; the few values that repeat (methods, routes, key names) cached."""
+    text = _encoded.get(value)
+    if text is None:
+        text = json.dumps(value, ensure_ascii=False)
+        if len(_encoded) < 4096:
+            _encoded[value] = text
+    return text
+
+
+def access_line(
+    method: str, route: str | None, status: int, seconds: float, request_id: str, ours: bool, key_name: str | None
+) -> None:
+    """Log one request: ``{"message": "request", "method", "route", "status", "durationMs", "requestId", "keyName"}``.
+
+    ``route`` is the route template (``/v1/opscore/agent/{agent_id}/state``, ``null`` when no
+    route matched), never the raw path: no line per agent id, nothing a client typed. A request
+    id Ops-Core made (``ours``) is hex and needs no escaping; a client's ``X-Request-Id`` is
+    encoded. About 2 µs on the caller's thread (``docs/performance.md``).
+    """
+    rid = f'"{request_id}"' if ours else json.dumps(request_id, ensure_ascii=False)
+    text = (
+        f'{{"method":{_json_text(method)},"route":{"null" if route is None else _json_text(route)},'
+        f'"status":{status},"durationMs":{seconds * 1000:.3f},"requestId":{rid},'
+        f'"keyName":{"null" if key_name is None else _json_text(key_name)}}}'
+    )
+    access_log.handle(_access_record(text))
 
 
 class BackgroundHandler(logging.Handler):
@@ -143,34 +232,58 @@ class BackgroundHandler(logging.Handler):
         super().close()
 
 
+def _compact_dumps(value: Any, **kwargs: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), **kwargs)
+
+
+def _is_ours(handler: logging.Handler) -> bool:
+    return bool(getattr(handler, "_opscore", False))
+
+
 def configure(level: str = "INFO", stream: IO[str] | None = None) -> None:
-    """Send every ``logging`` record to stdout as one JSON line (idempotent)."""
-    handler = BackgroundHandler(stream if stream is not None else sys.stdout)
-    handler.setFormatter(
-        JsonLines(
-            "{asctime}{levelname}{name}{message}",
-            style="{",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            json_ensure_ascii=False,
+    """Send every ``logging`` record to ``stream`` (stdout) as one JSON line; idempotent.
+
+    Called by ``opscore serve`` before uvicorn starts (so uvicorn's first lines are JSON too) and
+    again by the app's lifespan: a second call for the same stream keeps the handler (and its
+    queued lines) and only sets the level.
+    """
+    target = stream if stream is not None else sys.stdout
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if _is_ours(h)]
+    if len(ours) == 1 and isinstance(ours[0], BackgroundHandler) and ours[0].stream is target:
+        handler = ours[0]
+    else:
+        for old in ours:
+            root.removeHandler(old)
+            old.close()
+        handler = BackgroundHandler(target)
+        handler.setFormatter(
+            JsonLines(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                reserved_attrs=[*RESERVED_ATTRS, *DROPPED_EXTRAS],
+                json_ensure_ascii=False,
+                json_serializer=_compact_dumps,  # the separators of the fast path's lines
+            )
         )
-    )
+        handler._opscore = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
     # No line shows thread or process names: skip looking them up for every record
     # (a third of LogRecord's cost).
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_opscore", False)]:
-        root.removeHandler(old)
-        old.close()
-    handler._opscore = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    # uvicorn's own lines go through the one handler above; its access lines (plain text with
+    # the raw path) are replaced by ours (``opscore.access``), so they stay off.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
         logger = logging.getLogger(name)
-        logger.handlers.clear()
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
@@ -179,6 +292,16 @@ def flush() -> None:
     for handler in logging.getLogger().handlers:
         if getattr(handler, "_opscore", False):
             handler.flush()
+
+
+def shutdown() -> None:
+    """Write out every queued line and stop the writer threads (the last thing a server does)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if _is_ours(h)]:
+        handler.flush()
+        if isinstance(handler, BackgroundHandler):
+            handler.close()
+        root.removeHandler(handler)
 
 
 @atexit.register

@@ -5,8 +5,9 @@ agents the way AgentKit and its SDK do (DESIGN §2):
 
 - ``POST /v1/agents/register`` registers an agent and sends Ops-Core the signed registration
   webhook (``X-AgentKit-Timestamp`` = epoch seconds, ``X-AgentKit-Signature`` = hex
-  HMAC-SHA256(secret, timestamp + b"." + raw body)). With ``"simulate": true`` in the body the
-  agent is also played by the simulator.
+  HMAC-SHA256(secret, timestamp + b"." + raw body)); without a webhook secret it registers
+  the agent through ``POST /v1/opscore/agents`` with the bearer key instead. With
+  ``"simulate": true`` in the body the agent is also played by the simulator.
 - ``POST /v1/agents/{id}/run`` answers 202 for a known agent (404 otherwise), records the call,
   and a simulated agent then reports ``active`` and, after ``latency`` seconds, ``idle`` with
   ``details.result`` (success) or ``error`` then ``idle`` (failure, with probability
@@ -143,6 +144,12 @@ class Simulator:
         return status
 
     async def webhook(self, event_type: str, agent: SimAgent, metadata: dict[str, Any] | None = None) -> int:
+        """AgentKit's signed registration webhook; without a webhook secret, the bearer-key API instead.
+
+        ``docker compose up`` and ``opscore simulate`` need only ``OPSCORE_API_KEY``: with no
+        ``OPSCORE_WEBHOOK_SECRET`` a REGISTER goes to ``POST /v1/opscore/agents`` (the same
+        agent details) and a DEREGISTER to the agent's ``deregister`` trigger.
+        """
         details = {
             "agentId": agent.agent_id,
             "agentName": agent.name,
@@ -151,12 +158,22 @@ class Simulator:
             "contactEndpoint": f"http://simulator/{agent.agent_id}",
             "metadata": metadata or {"simulated": agent.simulated},
         }
+        secret = self.config.webhook_secret.split(",")[0].strip()
+        if not secret:
+            bearer = {"Authorization": f"Bearer {self.config.api_key}"}
+            if event_type == "REGISTER":
+                response = await self.post("/v1/opscore/agents", json=details, headers=bearer)
+            else:
+                response = await self.post(
+                    f"/v1/opscore/agent/{agent.agent_id}/transitions", json={"trigger": "deregister"}, headers=bearer
+                )
+            return response.status_code
         raw = json.dumps({"event_type": event_type, "agent_details": details}).encode()
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
             "X-AgentKit-Timestamp": timestamp,
-            "X-AgentKit-Signature": sign(self.config.webhook_secret.split(",")[0].strip().encode(), timestamp, raw),
+            "X-AgentKit-Signature": sign(secret.encode(), timestamp, raw),
         }
         response = await self.post("/v1/opscore/internal/agent/notify", content=raw, headers=headers)
         return response.status_code

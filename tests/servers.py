@@ -33,6 +33,10 @@ class Server:
     port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    stderr_path: Path | None = None
+    """Keep stderr apart from the log on stdout (by default both go to ``log_path``)."""
+    argv: list[str] | None = None
+    """Another command than ``python -m opscore serve --host 127.0.0.1 --port <port>``."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,14 +64,16 @@ class Server:
             "PYTHONPATH": str(ROOT),
             **self.env,
         }
-        argv = [sys.executable, "-m", "opscore", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        argv = self.argv or [sys.executable, "-m", "opscore", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.log_path is None:
             self.process = subprocess.Popen(
                 argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
             )
         else:
-            with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-                self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # the child keeps its own copies of the descriptors
+            with open(self.log_path, "ab") as log, open(self.stderr_path or os.devnull, "ab") as err:
+                stderr = err if self.stderr_path is not None else subprocess.STDOUT
+                self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=stderr)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -86,10 +92,20 @@ class Server:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, as a process manager stops a service; the exit status (``None`` if never started)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        return None if self.process is None else self.process.returncode
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process (Linux ``/proc``)."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")

@@ -7,8 +7,10 @@ import gc
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,10 +22,10 @@ from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
 from opscore.api.routes import agents, audit, batch, diagrams, health, machines, webhooks, workflows
-from opscore.config import Settings
+from opscore.config import InvalidApiKeys, Settings
 from opscore.engine import Engine
 from opscore.errors import StorageError
-from opscore.logs import configure
+from opscore.logs import access_line, access_log, configure
 from opscore.storage import open_store
 from opscore.workflows.dispatch import AgentKitClient
 from opscore.workflows.runs import Runs
@@ -65,34 +67,61 @@ def request_ids() -> itertools.count[int]:
     return itertools.count(int.from_bytes(os.urandom(8)) << 64)
 
 
-class Guard:
-    """Pure ASGI middleware: request ids, and 413 for bodies over the limit.
+@dataclass(slots=True)
+class GuardSettings:
+    """What :class:`Guard` enforces and logs, set by the lifespan from the one ``Settings``.
 
-    A declared ``Content-Length`` over the limit is refused before reading; a chunked body is
-    counted as it arrives and refused as soon as it passes the limit.
+    The middleware is built before the lifespan runs (Starlette builds its stack on the first
+    ASGI call, the lifespan's own), so it cannot take the settings as arguments: it holds this
+    object, which ``create_app`` also puts in ``app.state.guard`` for the lifespan to fill.
+    Until then the defaults hold.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    max_body_bytes: int = Settings.model_fields["max_body_bytes"].default
+    access_log: bool = Settings.model_fields["access_log"].default
+
+    def load(self, settings: Settings) -> None:
+        self.max_body_bytes = settings.max_body_bytes
+        self.access_log = settings.access_log
+
+
+class Guard:
+    """Pure ASGI middleware: request ids, 413 for bodies over the limit, one access line per request.
+
+    A declared ``Content-Length`` over the limit is refused before reading; a chunked body is
+    counted as it arrives and refused as soon as it passes the limit. The access line
+    (``opscore.logs.access_line``) names the route template the router matched
+    (``scope["route"]``), never the raw path, and the key name ``caller`` left in the scope.
+    """
+
+    def __init__(self, app: ASGIApp, settings: GuardSettings) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.settings = settings
         self._ids = request_ids()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        started = time.perf_counter()
+        settings = self.settings
+        limit = settings.max_body_bytes
         request_id = None
-        declared = False
+        declared = too_large = False
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > limit:
-                    await _too_large(send, limit)
-                    return
+                # more digits than any limit has: too large without int() (which refuses 4,300+ digits)
+                too_large = value.isdigit() and (len(value) > 18 or int(value) > limit)
                 declared = True
             elif name == b"x-request-id":
                 request_id = value.decode("latin-1")[:200]
+        ours = request_id is None
         scope["opscore.request_id"] = request_id or f"{next(self._ids):032x}"
+        if too_large:
+            await _too_large(send, limit, scope["opscore.request_id"].encode("latin-1"))
+            if settings.access_log and access_log.isEnabledFor(logging.INFO):
+                self._log(scope, 413, started, ours)
+            return
         received = 0
 
         async def counted() -> Message:
@@ -107,27 +136,46 @@ class Guard:
             return message
 
         rid = scope["opscore.request_id"].encode("latin-1")
+        status = 500  # what the client gets when the app raises before answering
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
             await send(message)
 
-        # the server never hands over more than a declared Content-Length: count only chunked bodies
-        await self.app(scope, receive if declared else counted, send_with_id)
+        try:
+            # the server never hands over more than a declared Content-Length: count only chunked bodies
+            await self.app(scope, receive if declared else counted, send_with_id)
+        finally:
+            if settings.access_log and access_log.isEnabledFor(logging.INFO):
+                self._log(scope, status, started, ours)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float, ours: bool) -> None:
+        route = scope.get("route")
+        access_line(
+            scope["method"],
+            getattr(route, "path", None),
+            status,
+            time.perf_counter() - started,
+            scope["opscore.request_id"],
+            ours,
+            scope.get("opscore.key"),
+        )
 
 
-async def _too_large(send: Send, limit: int) -> None:
+async def _too_large(send: Send, limit: int, request_id: bytes) -> None:
     body = (
         b'{"detail":"request body is over the limit of ' + str(limit).encode() + b' bytes","code":"payload_too_large"}'
     )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id),
+    ]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -158,14 +206,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conf = settings if settings is not None else Settings()
         configure(conf.log_level)
-        keys = conf.api_keys
+        try:
+            keys = conf.api_keys
+        except InvalidApiKeys as exc:
+            log.critical("refusing to start", extra={"detail": str(exc), "code": "invalid_api_key"})
+            raise
         if not keys:
             raise StorageError(
                 "OPSCORE_API_KEY is not set: set it (or run `opscore serve --generate-key`); "
                 "Ops-Core never falls back to a known key",
                 code="no_api_key",
             )
-        store = open_store(conf.database_url)
+        log.info("api keys", extra={"keyNames": [key.name for key in keys]})
+        guard.load(conf)
+        store = open_store(
+            conf.database_url, pool_min=conf.pg_pool_min, pool_max=conf.pg_pool_max, pool_timeout=conf.pg_pool_timeout
+        )
         await store.open()
         engine = Engine(store, max_clock_skew=conf.max_clock_skew_seconds)
         app.state.settings = conf
@@ -201,6 +257,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)
-    limit = settings.max_body_bytes if settings is not None else Settings.model_fields["max_body_bytes"].default
-    app.add_middleware(Guard, max_body_bytes=limit)
+    guard = GuardSettings()
+    if settings is not None:
+        guard.load(settings)
+    app.state.guard = guard
+    app.add_middleware(Guard, settings=guard)
     return app

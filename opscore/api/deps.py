@@ -52,6 +52,7 @@ async def caller(request: Request) -> str:
     key = match_key(request.app.state.api_keys, token.strip().encode())
     if key is None:
         raise Unauthorized("invalid API key")
+    request.scope["opscore.key"] = key.name  # the access line names the caller's key (Guard)
     return f"key:{key.name}"
 
 
@@ -59,6 +60,11 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CallerDep = Annotated[str, Depends(caller)]
+
+
+MAX_REVISION_DIGITS = 18
+"""A revision fits a signed 64-bit integer; longer digit strings are refused before ``int()``
+(which raises past 4,300 digits, and would otherwise have answered 500)."""
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -69,8 +75,9 @@ def parse_if_match(value: str | None) -> int | None:
     if text.startswith("W/"):
         text = text[2:]
     text = text.strip('"')
-    if not text.isdigit():
-        raise Invalid(f'If-Match must be a revision such as "3", not {value!r}', code="invalid_if_match")
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_REVISION_DIGITS):
+        shown = value if len(value) <= 40 else value[:40] + "…"
+        raise Invalid(f'If-Match must be a revision such as "3", not {shown!r}', code="invalid_if_match")
     return int(text)
 
 

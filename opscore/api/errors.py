@@ -53,19 +53,43 @@ def status_of(exc: errors.OpsCoreError) -> int:
     return 500
 
 
-def render_error(exc: errors.OpsCoreError) -> tuple[int, dict[str, Any]]:
-    return status_of(exc), exc.to_dict()
+GENERIC_DETAIL = {
+    500: "internal error; the server log has the details under this request id",
+    503: "the service is unavailable (storage unreachable); retry later; the server log has the details",
+}
+"""What a 5xx body says instead of the exception's text (which can carry a database's own words)."""
+
+
+def render_error(exc: errors.OpsCoreError, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, body) of an error. A 500 or 503 body is generic; its detail goes to the log instead.
+
+    Every answer goes through here (single requests, each report of a batch, stored idempotent
+    answers), so no path shows a client an internal exception's text.
+    """
+    status = status_of(exc)
+    if status not in GENERIC_DETAIL:
+        return status, exc.to_dict()
+    log.error(
+        "request failed", extra={"code": exc.code, "detail": exc.detail, "status": status, "requestId": request_id}
+    )
+    body: dict[str, Any] = {"detail": GENERIC_DETAIL[status], "code": exc.code}
+    if request_id is not None:
+        body["requestId"] = request_id
+    return status, body
 
 
 def _headers(status: int) -> dict[str, str] | None:
     return {"WWW-Authenticate": "Bearer"} if status == 401 else None
 
 
+def _request_id(request: Request) -> str | None:
+    rid = request.scope.get("opscore.request_id")
+    return rid if isinstance(rid, str) else None
+
+
 async def _opscore_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.OpsCoreError)
-    status, body = render_error(exc)
-    if status >= 500:
-        log.error("request failed", extra={"code": exc.code, "detail": exc.detail, "path": request.url.path})
+    status, body = render_error(exc, _request_id(request))
     headers = _headers(status) or {}
     if "revision" in exc.extra and isinstance(exc.extra["revision"], int):
         headers["ETag"] = f'"{exc.extra["revision"]}"'
@@ -121,8 +145,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error", extra={"path": request.url.path})
-    return JSONResponse({"detail": "internal error; see the server log", "code": "internal_error"}, status_code=500)
+    route = request.scope.get("route")
+    rid = _request_id(request)
+    log.exception("unexpected error", extra={"route": getattr(route, "path", None), "requestId": rid})
+    body = {"detail": GENERIC_DETAIL[500], "code": "internal_error", "requestId": rid}
+    headers = {"x-request-id": rid} if rid else None
+    return JSONResponse(body, status_code=500, headers=headers)
 
 
 def install(app: FastAPI) -> None:

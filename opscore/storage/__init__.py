@@ -5,8 +5,19 @@ from __future__ import annotations
 from opscore.storage.base import Store
 
 
-def open_store(url: str, *, readonly: bool = False) -> Store:
-    """``sqlite:///path``, ``postgresql://…`` or ``memory://`` (tests only) → an unopened store."""
+def open_store(
+    url: str,
+    *,
+    readonly: bool = False,
+    pool_min: int | None = None,
+    pool_max: int | None = None,
+    pool_timeout: float | None = None,
+) -> Store:
+    """``sqlite:///path``, ``postgresql://…`` or ``memory://`` (tests only) → an unopened store.
+
+    The ``pool_*`` sizes are PostgreSQL's (``OPSCORE_PG_POOL_*`` in ``Settings``); the other
+    backends have no pool and ignore them. ``None`` keeps the store's defaults.
+    """
     if url.startswith("sqlite://"):
         from opscore.storage.sqlite import SQLiteStore, path_from_url
 
@@ -14,7 +25,7 @@ def open_store(url: str, *, readonly: bool = False) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from opscore.storage.postgres import PostgresStore
 
-        return PostgresStore(url, readonly=readonly)
+        return PostgresStore(url, readonly=readonly, min_size=pool_min, max_size=pool_max, timeout=pool_timeout)
     if url.startswith("memory://"):
         from opscore.storage.memory import MemoryStore
 

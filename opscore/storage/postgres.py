@@ -31,9 +31,9 @@ and details are text for the same ``\\u0000`` reason (a report with such a strin
 answer 500 on one backend and 200 on the other); the capabilities the agent list filters on
 are copied into a ``text[]`` column with a GIN index.
 
-Pool sizes come from ``OPSCORE_PG_POOL_MIN`` (default 2) and ``OPSCORE_PG_POOL_MAX``
-(default 10), the wait for a free connection from ``OPSCORE_PG_POOL_TIMEOUT`` seconds
-(default 10; then the request answers 503). ``search_path`` in the URL
+Pool sizes are constructor arguments, set from ``Settings`` (``OPSCORE_PG_POOL_MIN``, default 2,
+``OPSCORE_PG_POOL_MAX``, default 10, and the wait for a free connection,
+``OPSCORE_PG_POOL_TIMEOUT`` seconds, default 10; then the request answers 503). ``search_path`` in the URL
 (``?options=-csearch_path%3Dmyschema``) puts the tables in that schema.
 """
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -246,19 +245,6 @@ class _Attempt:
     result: Committed | None = None
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise StorageError(f"{name} must be a whole number, not {raw!r}", code="bad_pool_setting") from exc
-    if value < 0:
-        raise StorageError(f"{name} must not be negative", code="bad_pool_setting")
-    return value
-
-
 def _capabilities(data: dict[str, Any]) -> list[str]:
     """What ``capability`` filters match: the strings of ``data["capabilities"]``."""
     caps = data.get("capabilities")
@@ -366,10 +352,11 @@ class PostgresStore(Store):
     ) -> None:
         self.url = url
         self.readonly = readonly
-        self.min_size = min_size if min_size is not None else _env_int("OPSCORE_PG_POOL_MIN", 2)
-        self.max_size = max_size if max_size is not None else _env_int("OPSCORE_PG_POOL_MAX", 10)
-        self.max_size = max(self.max_size, self.min_size, 1)
-        self.timeout = timeout if timeout is not None else float(_env_int("OPSCORE_PG_POOL_TIMEOUT", 10))
+        # Sizes come from Settings (OPSCORE_PG_POOL_MIN/MAX/TIMEOUT) through open_store; never
+        # from the environment here, so a configured size is the one in effect.
+        self.min_size = min_size if min_size is not None else 2
+        self.max_size = max(max_size if max_size is not None else 10, self.min_size, 1)
+        self.timeout = timeout if timeout is not None else 10.0
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
         self._version = SCHEMA_VERSION
 

@@ -274,7 +274,24 @@ MALFORMED: list[tuple[str, str, str, dict[str, Any], int | None]] = [
         "POST",
         "/agent/m/state",
         {"json": {"state": "idle", "timestamp": "2026-01-01T00:00:00Z"}, "headers": {"If-Match": '"' + "9" * 50 + '"'}},
-        412,
+        422,  # no revision has more than 18 digits: refused before int() (which fails past 4,300 digits)
+    ),
+    (
+        "If-Match over Python's int digit limit",
+        "POST",
+        "/agent/m/state",
+        {"json": {"state": "idle", "timestamp": "2026-01-01T00:00:00Z"}, "headers": {"If-Match": "9" * 5000}},
+        422,
+    ),
+    (
+        "If-Match non-ASCII digits",
+        "POST",
+        "/agent/m/state",
+        {
+            "json": {"state": "idle", "timestamp": "2026-01-01T00:00:00Z"},
+            "headers": {"If-Match": b"\xb2"},
+        },  # latin-1 superscript two: str.isdigit() says yes
+        422,
     ),
     (
         "If-Match negative",

@@ -128,19 +128,37 @@ def test_a_nul_in_a_text_key_is_invalid_input_not_a_crash(pg_url: str) -> None:
     asyncio.run(main())
 
 
-def test_pool_sizes_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_sizes_come_from_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """OPSCORE_PG_POOL_* are read once, by Settings (environment or .env), and handed to the store."""
+    from pydantic import ValidationError
+
+    from opscore.config import Settings
     from opscore.storage.postgres import PostgresStore
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPSCORE_PG_POOL_MIN", "3")
     monkeypatch.setenv("OPSCORE_PG_POOL_MAX", "7")
-    store = PostgresStore(PG_URL)
-    assert (store.min_size, store.max_size) == (3, 7)
+    (tmp_path / ".env").write_text("OPSCORE_PG_POOL_TIMEOUT=4.5\n")
+    conf = Settings()
+    store = open_store(
+        PG_URL or "postgresql://x/y",
+        pool_min=conf.pg_pool_min,
+        pool_max=conf.pg_pool_max,
+        pool_timeout=conf.pg_pool_timeout,
+    )
+    assert isinstance(store, PostgresStore)
+    assert (store.min_size, store.max_size, store.timeout) == (3, 7, 4.5)
     monkeypatch.setenv("OPSCORE_PG_POOL_MAX", "lots")
-    with pytest.raises(StorageError):
-        PostgresStore(PG_URL)
+    with pytest.raises(ValidationError, match="OPSCORE_PG_POOL_MAX"):
+        Settings()
+    monkeypatch.setenv("OPSCORE_PG_POOL_MAX", "-1")
+    with pytest.raises(ValidationError):
+        Settings()
     monkeypatch.delenv("OPSCORE_PG_POOL_MIN")
     monkeypatch.delenv("OPSCORE_PG_POOL_MAX")
-    assert (PostgresStore(PG_URL).min_size, PostgresStore(PG_URL).max_size) == (2, 10)
+    # the store itself no longer reads the environment: its defaults are fixed
+    monkeypatch.setenv("OPSCORE_PG_POOL_MAX", "99")
+    assert (PostgresStore("postgresql://x/y").min_size, PostgresStore("postgresql://x/y").max_size) == (2, 10)
 
 
 def test_a_read_only_open_never_creates_tables(pg_url: str) -> None:

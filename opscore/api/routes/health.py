@@ -9,6 +9,8 @@ arriving within a second, so probing cannot become a load of its own.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -19,6 +21,7 @@ from opscore.errors import OpsCoreError
 from opscore.singleflight import SingleFlight
 from opscore.storage.base import Store
 
+log = logging.getLogger("opscore.api")
 router = APIRouter(tags=["health"])
 
 PROBE_SECONDS = 1.0
@@ -41,11 +44,13 @@ async def health(store: StoreDep) -> JSONResponse:
     """200 `{"status": "ok"}`; 503 with `detail` and `code` when the store is unreachable or its writes fail."""
     try:
         await store.ping()
-    except OpsCoreError as exc:
-        return _unavailable(store, exc.detail, "storage_unavailable")
+    except OpsCoreError as exc:  # /health is open: the database's own words go to the log only
+        log.warning("storage unavailable", extra={"detail": exc.detail, "store": store.backend})
+        return _unavailable(store, "storage is unreachable; the server log has the details", "storage_unavailable")
     failing = store.recent_write_error()
     if failing is not None:
-        return _unavailable(store, f"writes are failing: {failing}", "storage_not_writable")
+        log.warning("writes are failing", extra={"detail": failing, "store": store.backend})
+        return _unavailable(store, "writes are failing; the server log has the details", "storage_not_writable")
     return JSONResponse({"status": "ok", "version": __version__, "store": store.backend})
 
 
@@ -70,5 +75,8 @@ async def ready(request: Request, store: StoreDep) -> JSONResponse:
 
     error = store.recent_write_error() or await probe.run(write)
     if error is not None:
-        return _unavailable(store, error, "storage_not_writable")
+        log.warning("not ready: a write does not commit", extra={"detail": error, "store": store.backend})
+        return _unavailable(
+            store, "a write does not commit now; the server log has the details", "storage_not_writable"
+        )
     return JSONResponse({"status": "ready", "version": __version__, "store": store.backend})
