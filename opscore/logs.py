@@ -150,19 +150,29 @@ def _json_text(value: str) -> str:
 
 
 def access_line(
-    method: str, route: str | None, status: int, seconds: float, request_id: str, ours: bool, key_name: str | None
+    method: str,
+    route: str | None,
+    status: int,
+    seconds: float,
+    request_id: str,
+    client_request_id: str | None,
+    key_name: str | None,
 ) -> None:
-    """Log one request: ``{"message": "request", "method", "route", "status", "durationMs", "requestId", "keyName"}``.
+    """Log one request: ``{"message": "request", "method", "route", "status", "durationMs", "requestId", ...}``.
 
     ``route`` is the route template (``/v1/opscore/agent/{agent_id}/state``, ``null`` when no
-    route matched), never the raw path: no line per agent id, nothing a client typed. A request
-    id Ops-Core made (``ours``) is hex and needs no escaping; a client's ``X-Request-Id`` is
-    encoded. About 2 µs on the caller's thread (``docs/performance.md``).
+    route matched), never the raw path: no line per agent id, nothing a client typed.
+    ``requestId`` is Ops-Core's own (hex, the one audit records carry); a client's
+    ``X-Request-Id`` goes beside it as ``clientRequestId`` (encoded), so the line ties the two
+    together without letting a client choose what the audit log says. About 2 µs on the
+    caller's thread (``docs/performance.md``).
     """
-    rid = f'"{request_id}"' if ours else json.dumps(request_id, ensure_ascii=False)
+    client = (
+        "" if client_request_id is None else f',"clientRequestId":{json.dumps(client_request_id, ensure_ascii=False)}'
+    )
     text = (
         f'{{"method":{_json_text(method)},"route":{"null" if route is None else _json_text(route)},'
-        f'"status":{status},"durationMs":{seconds * 1000:.3f},"requestId":{rid},'
+        f'"status":{status},"durationMs":{seconds * 1000:.3f},"requestId":"{request_id}"{client},'
         f'"keyName":{"null" if key_name is None else _json_text(key_name)}}}'
     )
     access_log.handle(_access_record(text))

@@ -115,12 +115,13 @@ class Guard:
                 declared = True
             elif name == b"x-request-id":
                 request_id = value.decode("latin-1")[:200]
-        ours = request_id is None
-        scope["opscore.request_id"] = request_id or f"{next(self._ids):032x}"
+        # Ours always names the request (and its audit records); a client's is kept beside it.
+        scope["opscore.request_id"] = f"{next(self._ids):032x}"
+        scope["opscore.client_request_id"] = request_id
         if too_large:
             await _too_large(send, limit, scope["opscore.request_id"].encode("latin-1"))
             if settings.access_log and access_log.isEnabledFor(logging.INFO):
-                self._log(scope, 413, started, ours)
+                self._log(scope, 413, started)
             return
         received = 0
 
@@ -136,13 +137,15 @@ class Guard:
             return message
 
         rid = scope["opscore.request_id"].encode("latin-1")
+        client_rid = scope["opscore.client_request_id"]
+        echo = [] if client_rid is None else [(b"x-client-request-id", client_rid.encode("latin-1"))]
         status = 500  # what the client gets when the app raises before answering
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid), *echo]
             await send(message)
 
         try:
@@ -150,10 +153,10 @@ class Guard:
             await self.app(scope, receive if declared else counted, send_with_id)
         finally:
             if settings.access_log and access_log.isEnabledFor(logging.INFO):
-                self._log(scope, status, started, ours)
+                self._log(scope, status, started)
 
     @staticmethod
-    def _log(scope: Scope, status: int, started: float, ours: bool) -> None:
+    def _log(scope: Scope, status: int, started: float) -> None:
         route = scope.get("route")
         access_line(
             scope["method"],
@@ -161,7 +164,7 @@ class Guard:
             status,
             time.perf_counter() - started,
             scope["opscore.request_id"],
-            ours,
+            scope["opscore.client_request_id"],
             scope.get("opscore.key"),
         )
 

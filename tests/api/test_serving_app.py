@@ -79,7 +79,8 @@ def test_one_access_line_per_request_with_the_route_template(caplog: pytest.LogC
         ("GET", f"{V1}/agents", 401, None),
         ("GET", "/health", 200, None),
     ]
-    assert access[-1]["requestId"] == "ops\u00e9-7"
+    assert access[-1]["clientRequestId"] == "ops\u00e9-7"  # beside ours, never instead of it
+    assert access[-1]["requestId"] != "ops\u00e9-7" and len(access[-1]["requestId"]) == 32
     assert all(a["message"] == "request" and a["level"] == "INFO" and a["durationMs"] >= 0 for a in access)
     transition = lines(caplog, "opscore.audit")[0]
     assert transition["requestId"] == access[0]["requestId"]
