@@ -151,6 +151,31 @@ class Settings(BaseSettings):
         default=5, ge=1, validation_alias=AliasChoices("OPSCORE_KEEP_ALIVE_SECONDS", "keep_alive_seconds")
     )
 
+    # -- the live audit stream, metrics, the operator console ------------------------------------
+    max_streams_per_key: int = Field(
+        default=16, ge=1, validation_alias=AliasChoices("OPSCORE_MAX_STREAMS_PER_KEY", "max_streams_per_key")
+    )
+    stream_poll_seconds: float = Field(
+        default=0.5, gt=0, le=60, validation_alias=AliasChoices("OPSCORE_STREAM_POLL_SECONDS", "stream_poll_seconds")
+    )
+    stream_ping_seconds: float = Field(
+        default=15.0, gt=0, le=15, validation_alias=AliasChoices("OPSCORE_STREAM_PING_SECONDS", "stream_ping_seconds")
+    )
+    stream_send_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias=AliasChoices("OPSCORE_STREAM_SEND_TIMEOUT_SECONDS", "stream_send_timeout_seconds"),
+    )
+    metrics_public: bool = Field(
+        default=False, validation_alias=AliasChoices("OPSCORE_METRICS_PUBLIC", "metrics_public")
+    )
+    session_secret: str = Field(
+        default="", validation_alias=AliasChoices("OPSCORE_SESSION_SECRET", "session_secret"), repr=False
+    )
+    session_seconds: float = Field(
+        default=8 * 3600.0, gt=0, validation_alias=AliasChoices("OPSCORE_SESSION_SECONDS", "session_seconds")
+    )
+
     # -- PostgreSQL connection pool (one per process) ---------------------------------------------
     pg_pool_min: int = Field(default=2, ge=0, validation_alias=AliasChoices("OPSCORE_PG_POOL_MIN", "pg_pool_min"))
     pg_pool_max: int = Field(default=10, ge=1, validation_alias=AliasChoices("OPSCORE_PG_POOL_MAX", "pg_pool_max"))

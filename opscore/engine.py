@@ -18,6 +18,7 @@ compare-and-set decides, and a lost race is decided again from a fresh read.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
@@ -104,6 +105,8 @@ class Engine:
         self._keys = Keys(store)
         self.listeners: list[Callable[[dict[str, Any], Entity], None]] = []
         """Called with every committed record and the entity as that commit left it."""
+        self.commit_timer: Callable[[float], None] | None = None
+        """Called with the seconds each commit of :meth:`apply` took (``opscore_store_commit_seconds``)."""
 
     def fsm(self, entity_type: str) -> Fsm:
         return self.fsms[entity_type]
@@ -363,12 +366,17 @@ class Engine:
         return [await self.store.get(r.entity_type, r.entity_id) for r in requests]
 
     async def _commit(self, plans: list[_Plan]) -> list[Committed | Exception]:
-        if len(plans) > 1:
-            return await self.store.apply_many([plan[2] for plan in plans])
+        started = time.perf_counter()
         try:
-            return [await self.store.apply(plans[0][2])]
-        except Exception as exc:  # noqa: BLE001 - handed back as this change's outcome
-            return [exc]
+            if len(plans) > 1:
+                return await self.store.apply_many([plan[2] for plan in plans])
+            try:
+                return [await self.store.apply(plans[0][2])]
+            except Exception as exc:  # noqa: BLE001 - handed back as this change's outcome
+                return [exc]
+        finally:
+            if self.commit_timer is not None:
+                self.commit_timer(time.perf_counter() - started)
 
     def _change(
         self, ctx: Context, request: Request, current: Entity, seed: Entity | None, decision: Decision

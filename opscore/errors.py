@@ -29,7 +29,10 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     ├── PreconditionFailed        412 revision_mismatch (If-Match did not hold)
     ├── RevisionConflict          the store's compare-and-set lost; the engine retries it
     ├── Unauthorized              401
+    ├── Forbidden                 403 forbidden (the key lacks the scope, or the agent is outside its globs)
     ├── PayloadTooLarge           413 payload_too_large
+    ├── TooManyRequests           429
+    │   └── TooManyStreams        too_many_streams   (a key holds OPSCORE_MAX_STREAMS_PER_KEY open streams)
     ├── RendererMissing           501 renderer_missing (SVG without Graphviz's dot; detail says what to install)
     ├── Unavailable               503 (storage unreachable)
     └── StorageError              500: something broke that no input explains
@@ -177,8 +180,24 @@ class Unauthorized(OpsCoreError):
     code = "unauthorized"
 
 
+class Forbidden(OpsCoreError):
+    """A valid key without the scope a request needs (DESIGN §9); nothing changed, nothing recorded."""
+
+    code = "forbidden"
+
+
 class PayloadTooLarge(OpsCoreError):
     code = "payload_too_large"
+
+
+class TooManyRequests(OpsCoreError):
+    code = "too_many_requests"
+
+
+class TooManyStreams(TooManyRequests):
+    """A key already holds as many open audit streams as one replica allows it."""
+
+    code = "too_many_streams"
 
 
 class RendererMissing(OpsCoreError):

@@ -21,13 +21,17 @@ from opscore import __version__
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
-from opscore.api.routes import agents, audit, batch, diagrams, health, machines, webhooks, workflows
+from opscore.api.routes import agents, audit, batch, diagrams, health, machines, stream, webhooks, workflows
+from opscore.api.routes import metrics as metrics_route
+from opscore.api.sessions import Sessions
+from opscore.api.streams import Hub
 from opscore.config import InvalidApiKeys, Settings
 from opscore.engine import Engine
 from opscore.errors import StorageError
 from opscore.logs import access_line, access_log, configure
+from opscore.metrics import Metrics
 from opscore.storage import open_store
-from opscore.workflows.dispatch import AgentKitClient
+from opscore.workflows.dispatch import AgentKitClient, DispatchResult
 from opscore.workflows.runs import Runs
 from opscore.workflows.scheduler import Scheduler
 
@@ -79,6 +83,8 @@ class GuardSettings:
 
     max_body_bytes: int = Settings.model_fields["max_body_bytes"].default
     access_log: bool = Settings.model_fields["access_log"].default
+    metrics: Metrics | None = None
+    """Where each answered request is counted (``opscore_http_*``), beside its access line."""
 
     def load(self, settings: Settings) -> None:
         self.max_body_bytes = settings.max_body_bytes
@@ -152,6 +158,11 @@ class Guard:
             # the server never hands over more than a declared Content-Length: count only chunked bodies
             await self.app(scope, receive if declared else counted, send_with_id)
         finally:
+            metrics = settings.metrics
+            if metrics is not None:
+                metrics.request(
+                    scope["method"], getattr(scope.get("route"), "path", None), status, time.perf_counter() - started
+                )
             if settings.access_log and access_log.isEnabledFor(logging.INFO):
                 self._log(scope, status, started)
 
@@ -182,11 +193,38 @@ async def _too_large(send: Send, limit: int, request_id: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class CountedAgentKit(AgentKitClient):
+    """The AgentKit client, counting each dispatch's outcome (``opscore_dispatches_total``)."""
+
+    def __init__(self, base_url: str, metrics: Metrics) -> None:
+        super().__init__(base_url)
+        self.metrics = metrics
+
+    async def run(self, agent_id: str, body: dict[str, Any]) -> DispatchResult:
+        result = await super().run(agent_id, body)
+        self.metrics.dispatched(result.outcome)
+        return result
+
+
+def start_streams(app: FastAPI) -> Hub:
+    """The live stream's hub: poked by every local commit, polling for the other replicas'."""
+    conf: Settings = app.state.settings
+    hub = Hub(
+        max_per_key=conf.max_streams_per_key,
+        poll_seconds=conf.stream_poll_seconds,
+        ping_seconds=conf.stream_ping_seconds,
+        send_timeout_seconds=conf.stream_send_timeout_seconds,
+    )
+    app.state.engine.listeners.append(hub.poke)
+    app.state.streams = hub
+    return hub
+
+
 async def start_workflows(app: FastAPI) -> None:
     """Runs, their AgentKit client and the scheduler; the engine tells runs about agent reports."""
     conf: Settings = app.state.settings
     engine: Engine = app.state.engine
-    client = AgentKitClient(conf.agentkit_api_url)
+    client = CountedAgentKit(conf.agentkit_api_url, app.state.metrics)
     runs = Runs(engine, client, default_timeout=conf.task_timeout_seconds)
     engine.listeners.append(runs.listener)
     scheduler = Scheduler(runs, agent_timeout=conf.agent_timeout_seconds)
@@ -227,9 +265,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await store.open()
         engine = Engine(store, max_clock_skew=conf.max_clock_skew_seconds)
+        engine.listeners.append(metrics.transition)
+        engine.commit_timer = metrics.commit
         app.state.settings = conf
         app.state.api_keys = keys
         app.state.engine = engine
+        app.state.sessions = Sessions.from_settings(conf, keys)
+        start_streams(app)
         app.state.extensions = {}
         for hook in startup_hooks:
             await hook(app)
@@ -239,6 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.streams.close()
             for hook in reversed(shutdown_hooks):
                 await hook(app)
             await store.close()
@@ -251,16 +294,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # FastAPI's pages load their scripts from a CDN: openapi.install serves ours
         redoc_url=None,
     )
+    metrics = app.state.metrics = Metrics()
     startup_hooks: list[Any] = [start_workflows]
     shutdown_hooks: list[Any] = [stop_workflows]
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (health, agents, batch, audit, machines, diagrams, webhooks, workflows):
+    for module in (health, agents, batch, stream, audit, machines, diagrams, webhooks, workflows, metrics_route):
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)
-    guard = GuardSettings()
+    guard = GuardSettings(metrics=metrics)
     if settings is not None:
         guard.load(settings)
     app.state.guard = guard

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from opscore.api import sessions
 from opscore.clock import normalise
 from opscore.config import Settings, match_key
 from opscore.engine import Context, Engine
@@ -45,12 +46,19 @@ async def caller(request: Request) -> str:
     """
     authorization = request.headers.get("authorization")
     if not authorization:
+        if sessions.COOKIE in request.cookies:  # the console: a signed session cookie instead of a bearer key
+            signed_in = sessions.authenticate(request)
+            request.scope["opscore.key"] = signed_in.name
+            return f"key:{signed_in.name}"
+        request.scope["opscore.denied"] = "missing_key"  # the reason opscore_auth_denied_total counts
         raise Unauthorized("missing Authorization: Bearer <OPSCORE_API_KEY>")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        request.scope["opscore.denied"] = "malformed_header"
         raise Unauthorized("the Authorization header must be 'Bearer <OPSCORE_API_KEY>'")
     key = match_key(request.app.state.api_keys, token.strip().encode())
     if key is None:
+        request.scope["opscore.denied"] = "invalid_key"
         raise Unauthorized("invalid API key")
     request.scope["opscore.key"] = key.name  # the access line names the caller's key (Guard)
     return f"key:{key.name}"

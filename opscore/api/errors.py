@@ -25,7 +25,9 @@ STATUS: dict[type[errors.OpsCoreError], int] = {
     errors.RevisionConflict: 409,
     errors.PreconditionFailed: 412,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.PayloadTooLarge: 413,
+    errors.TooManyRequests: 429,
     errors.RendererMissing: 501,
     errors.Unavailable: 503,
     errors.StorageError: 500,
@@ -87,9 +89,23 @@ def _request_id(request: Request) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
+def count_denied(request: Request, reason: str) -> None:
+    """Count one refused credential or scope (``opscore_auth_denied_total{reason}``).
+
+    Every 401 and 403 answered through the handlers is counted here already (reason: what
+    ``deps.caller`` noted in ``scope["opscore.denied"]``, else the error's ``code``); call it
+    for a refusal answered another way (one item of a batch).
+    """
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.auth_denied(reason)
+
+
 async def _opscore_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.OpsCoreError)
     status, body = render_error(exc, _request_id(request))
+    if status in (401, 403):
+        count_denied(request, request.scope.get("opscore.denied") or exc.code)
     headers = _headers(status) or {}
     if "revision" in exc.extra and isinstance(exc.extra["revision"], int):
         headers["ETag"] = f'"{exc.extra["revision"]}"'

@@ -54,10 +54,12 @@ BEARER = "bearer"
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "No valid bearer key (the answer carries `WWW-Authenticate: Bearer`)",
+    403: "The key lacks the scope this needs, or the agent is outside its globs (`forbidden`): nothing changed",
     404: "Unknown id",
     409: "Refused: an illegal transition, a stale report, or a body that conflicts with what is stored",
     412: 'If-Match named another revision than the current one (see the `ETag`, e.g. "3")',
     413: "Body over the limit (OPSCORE_MAX_BODY_BYTES)",
+    429: "Too many open streams for this key (OPSCORE_MAX_STREAMS_PER_KEY): close one, or retry later",
     422: "Invalid request: the body, a parameter or a header (`code` says which rule)",
     501: "SVG asked for, but Graphviz's `dot` is not installed on the server",
     503: "Storage unreachable: nothing was changed, retry later",

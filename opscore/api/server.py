@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections import Counter
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -220,6 +221,13 @@ class Server(uvicorn.Server):
                 yield
             finally:
                 self._captured_signals.clear()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the open audit streams first (each says ``event: end``): uvicorn waits for open responses."""
+        hub = getattr(getattr(self.config.app, "state", None), "streams", None)
+        if hub is not None:
+            hub.close()
+        await super().shutdown(sockets)
 
     async def on_tick(self, counter: int) -> bool:
         if counter % SWEEP_TICKS == 0:

@@ -171,6 +171,13 @@ class Store(abc.ABC):
         ``ValueError`` for a label filter on a field the storage does not label for that type.
         """
 
+    async def count_states(self) -> dict[tuple[str, str], int]:
+        """How many entities are in each ``(entity_type, state)``: metrics and the console's counts.
+
+        One aggregate query on the SQL stores (the ``entities_state`` index holds both columns).
+        """
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         """A page of audit records ordered by id."""

@@ -108,6 +108,13 @@ class MemoryStore(Store):
         )
         return found[: query.limit]
 
+    async def count_states(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for entity in self.entities.values():
+            key = (entity.entity_type, entity.state)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         records = reversed(self.records) if query.descending else iter(self.records)
         page: list[dict[str, Any]] = []

@@ -606,6 +606,13 @@ class PostgresStore(Store):
             rows = await (await conn.execute(sql, params)).fetchall()
         return [entity_from_row(r) for r in rows]
 
+    async def count_states(self) -> dict[tuple[str, str], int]:
+        async with self._connection() as conn:
+            rows = await (
+                await conn.execute("SELECT entity_type, state, count(*) FROM entities GROUP BY entity_type, state")
+            ).fetchall()
+        return {(str(t), str(s)): int(n) for t, s, n in rows}
+
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         sql, params = select_audit(query, POSTGRES)
         async with self._connection() as conn:

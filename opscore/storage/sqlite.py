@@ -702,6 +702,14 @@ class SQLiteStore(Store):
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [entity_from_row(r) for r in rows]
 
+    async def count_states(self) -> dict[tuple[str, str], int]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT entity_type, state, count(*) FROM entities GROUP BY entity_type, state"
+            ).fetchall()
+        )
+        return {(str(t), str(s)): int(n) for t, s, n in rows}
+
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         sql, params = select_audit(query, SQLITE)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())

@@ -1,0 +1,26 @@
+"""``GET /metrics``: Prometheus text format (DESIGN §11); a bearer key, or open with ``OPSCORE_METRICS_PUBLIC``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from opscore.api.deps import caller
+from opscore.config import Settings
+from opscore.metrics import Metrics
+from opscore.storage.base import Store
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Every metric, with ``opscore_entities`` counted by the store now (one aggregate query)."""
+    settings: Settings = request.app.state.settings
+    if not settings.metrics_public:
+        await caller(request)  # Prometheus sends `authorization: Bearer <key>` (its `authorization` config)
+    store: Store = request.app.state.engine.store
+    registry: Metrics = request.app.state.metrics
+    body = registry.render(await store.count_states())
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
