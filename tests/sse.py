@@ -170,3 +170,9 @@ async def open_stream(
         except TimeoutError:
             task.cancel()
             raise
+
+
+async def stream_status(app: Any, headers: dict[str, str]) -> int:
+    """The status a stream request answers with (the stream, if opened, is closed at once)."""
+    async with open_stream(app, headers=headers) as stream:
+        return stream.status

@@ -71,7 +71,7 @@ async def caller(request: Request) -> Caller:
         if sessions.COOKIE in request.cookies:  # the console: a signed session cookie instead of a bearer key
             signed_in = sessions.authenticate(request)
             request.scope["opscore.key"] = signed_in.name
-            return f"key:{signed_in.name}"
+            return Caller(signed_in)
         request.scope["opscore.denied"] = "missing_key"  # the reason opscore_auth_denied_total counts
         raise Unauthorized("missing Authorization: Bearer <OPSCORE_API_KEY>")
     scheme, _, token = authorization.partition(" ")

@@ -30,12 +30,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 
-from opscore.config import ApiKey, Settings
+from opscore.config import Settings
 from opscore.errors import Forbidden, Unauthorized
+from opscore.keys import ApiKey, Scope
 
 COOKIE = "opscore_session"
 CSRF_HEADER = "x-csrf-token"
@@ -53,9 +53,9 @@ def _unb64(text: str) -> bytes:
 
 
 def key_material(key: ApiKey) -> bytes:
-    """What the server holds of a key (its secret, or its secret's digest): sessions are bound to it."""
-    material: Any = getattr(key, "digest", None) or getattr(key, "secret", b"")
-    return bytes(material)
+    """What the server holds of a key (its secret's digest) and its powers: sessions are bound to both."""
+    powers = ",".join(sorted(key.scopes)) + "|" + ",".join(key.agents or ())
+    return key.digest + b"|" + powers.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,4 +166,4 @@ def authenticate(request: Request) -> ApiKey:
 
 def may_operate(key: ApiKey) -> bool:
     """Whether this key may operate (run transitions, triggers): the console shows action buttons only then."""
-    return True
+    return key.holds(Scope.OPERATE)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from opscore.api.deps import CallerDep, StoreDep
+from opscore.api.deps import Reads, StoreDep
 from opscore.api.openapi import errors
 from opscore.api.streams import EventStream, Hub
 from opscore.models import AuditQuery
@@ -28,12 +28,12 @@ STREAM_CONTENT: dict[int | str, dict[str, object]] = {
     "/audit/stream",
     summary="Follow the audit log live (Server-Sent Events)",
     response_class=Response,
-    responses={**STREAM_CONTENT, **errors(422, 429, 503)},
+    responses={**STREAM_CONTENT, **errors(429, 503)},
 )
 async def audit_stream(
     request: Request,
     store: StoreDep,
-    actor: CallerDep,
+    who: Reads,
     entityType: Annotated[str | None, Query(description="agent, workflow or task")] = None,  # noqa: N803
     entityId: Annotated[str | None, Query(description="only this entity's records")] = None,  # noqa: N803
     outcome: Annotated[Literal["applied", "rejected"] | None, Query(description="only applied or rejected")] = None,
@@ -56,7 +56,7 @@ async def audit_stream(
         start = given.strip()
     else:
         start = await store.stream_head()
-    key = str(request.scope.get("opscore.key") or actor)
+    key = who.key.name
     hub.acquire(key)
     query = AuditQuery(entity_type=entityType, entity_id=entityId, outcome=outcome)
     return EventStream(hub, store, query, start, key)
