@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from opscore import __version__
+from opscore import __version__, console
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
@@ -304,6 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)
+    console.install(app)
     guard = GuardSettings(metrics=metrics)
     if settings is not None:
         guard.load(settings)
