@@ -125,9 +125,7 @@ def test_the_domain_does_not_import_the_web_framework(framework: str) -> None:
 
 @pytest.mark.parametrize("driver", ["sqlite3", "psycopg", "psycopg_pool"])
 def test_the_api_and_the_engine_do_not_talk_to_databases(driver: str) -> None:
-    bad = [
-        i for i in ALL if under(i.target, driver) and (transport(i.module) or i.module == "opscore.engine")
-    ]
+    bad = [i for i in ALL if under(i.target, driver) and (transport(i.module) or i.module == "opscore.engine")]
     assert not bad, offenders(bad)
 
 

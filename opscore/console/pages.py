@@ -55,7 +55,7 @@ HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -162,7 +162,13 @@ def _states(machine: str) -> list[str]:
 
 
 def _same_origin(request: Request) -> bool:
-    """A sign-in or sign-out form posted from another site is refused (login CSRF)."""
+    """A sign-in or sign-out form posted from another site is refused (login CSRF).
+
+    Browsers say where a request comes from in ``Sec-Fetch-Site``; older ones in ``Origin``.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
     if origin is None or origin == "null":
         return origin is None
@@ -279,7 +285,7 @@ async def _fleet(
         "first_page": cursor is not None,
         "problems": problems,
         "states": states,
-        "fresh_after": _seconds_before(now, 5),
+        "fresh_after": _seconds_before(now, 3),
     }
 
 
