@@ -34,7 +34,7 @@ from opscore.keys import Scope, match
 from opscore.machines import MACHINES
 from opscore.models import AuditQuery, EntityQuery
 from opscore.storage.base import Store
-from opscore.workflows.runs import TASK, WORKFLOW, task_entity_id
+from opscore.workflows.state import TASK, WORKFLOW, task_entity_id
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE.parent / "static" / "console"
