@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?=
 PORT ?=
 
-.PHONY: run simulate test check lint bench diagrams docker clean
+.PHONY: run simulate test check lint bench diagrams screenshots docker clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Ops-Core needs Python >= 3.11")'
@@ -45,6 +45,11 @@ check: test
 diagrams: $(BIN)/.installed
 	$(BIN)/opscore diagram --all --format mermaid --out diagrams
 	$(BIN)/opscore diagram --all --format svg --out diagrams
+
+# The console's pictures in the README (docs/console/*.png), taken by its browser tests in Debian's
+# chromium (apt-get install chromium; never a browser download).
+screenshots: $(BIN)/.test-installed
+	OPSCORE_SCREENSHOTS=docs/console $(BIN)/pytest -q -p no:cacheprovider tests/browser/test_console.py
 
 # One table of every scenario (benchmarks/run.py), also written to benchmarks/results/latest.json.
 bench: $(BIN)/.test-installed

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
         gt=0,
         validation_alias=AliasChoices("OPSCORE_STREAM_SEND_TIMEOUT_SECONDS", "stream_send_timeout_seconds"),
     )
+    stream_max_seconds: float = Field(
+        default=3600.0, gt=0, validation_alias=AliasChoices("OPSCORE_STREAM_MAX_SECONDS", "stream_max_seconds")
+    )
     metrics_public: bool = Field(
         default=False, validation_alias=AliasChoices("OPSCORE_METRICS_PUBLIC", "metrics_public")
     )

@@ -214,6 +214,7 @@ def start_streams(app: FastAPI) -> Hub:
         poll_seconds=conf.stream_poll_seconds,
         ping_seconds=conf.stream_ping_seconds,
         send_timeout_seconds=conf.stream_send_timeout_seconds,
+        max_seconds=conf.stream_max_seconds,
     )
     app.state.engine.listeners.append(hub.poke)
     app.state.streams = hub

@@ -16,7 +16,10 @@ process adds is only *when* to look:
 A client that does not take what is sent within ``OPSCORE_STREAM_SEND_TIMEOUT_SECONDS`` is
 ended with ``event: end`` (reason ``slow_consumer``) and the connection closed; it resumes
 with ``Last-Event-ID`` where it stopped. A shutdown ends every stream the same way (reason
-``shutdown``). Each key may hold ``OPSCORE_MAX_STREAMS_PER_KEY`` open streams per replica.
+``shutdown``), and so does ``OPSCORE_STREAM_MAX_SECONDS`` of age (reason ``max_age``): a
+long-lived connection is re-balanced across replicas now and then, and one opened by a
+console session that has since ended does not outlive it by more than that.
+Each key may hold ``OPSCORE_MAX_STREAMS_PER_KEY`` open streams per replica.
 """
 
 from __future__ import annotations
@@ -64,12 +67,19 @@ class Hub:
     """What every stream of one app shares: the wake-up on local commits, the per-key counts, closing."""
 
     def __init__(
-        self, *, max_per_key: int, poll_seconds: float, ping_seconds: float, send_timeout_seconds: float
+        self,
+        *,
+        max_per_key: int,
+        poll_seconds: float,
+        ping_seconds: float,
+        send_timeout_seconds: float,
+        max_seconds: float = 3600.0,
     ) -> None:
         self.max_per_key = max_per_key
         self.poll_seconds = poll_seconds
         self.ping_seconds = ping_seconds
         self.send_timeout_seconds = send_timeout_seconds
+        self.max_seconds = max_seconds
         self.commits = 0
         """Counts local commits: a stream that saw it move while it read reads again without waiting."""
         self._changed: asyncio.Event | None = None
@@ -151,6 +161,7 @@ class EventStream(Response):
         detail = {
             "slow_consumer": "the client did not take events fast enough; resume with Last-Event-ID",
             "shutdown": "the server is shutting down; resume with Last-Event-ID (on another replica)",
+            "max_age": "this stream has been open OPSCORE_STREAM_MAX_SECONDS; resume with Last-Event-ID",
         }[reason]
         log.info("stream ended", extra={"reason": reason, "keyName": self.key, "position": self.position})
         last = {"type": "http.response.body", "body": end_frame(reason, detail, self.position), "more_body": False}
@@ -181,10 +192,12 @@ class EventStream(Response):
         loop = asyncio.get_running_loop()
         if not await self._write(send, b"retry: 2000\n: stream open\n\n"):
             return "slow_consumer"
-        last_write = last_read = loop.time()
+        last_write = last_read = opened = loop.time()
         while not gone.is_set():
             if hub.closing.is_set():
                 return "shutdown"
+            if loop.time() - opened >= hub.max_seconds:
+                return "max_age"
             seen = hub.commits
             page = await store.stream_page(self.position, query)
             last_read = loop.time()
@@ -198,7 +211,9 @@ class EventStream(Response):
                     continue  # more is waiting: read on without sleeping
             if hub.commits == seen:  # nothing committed here since that read: wait to be poked or to poll
                 now = loop.time()
-                timeout = min(hub.poll_seconds, max(0.0, last_write + hub.ping_seconds - now))
+                timeout = min(
+                    hub.poll_seconds, max(0.0, min(last_write + hub.ping_seconds, opened + hub.max_seconds) - now)
+                )
                 await _first(hub.changed(), gone, hub.closing, seconds=timeout)
             gap = last_read + MIN_READ_GAP - loop.time()
             if gap > 0 and not gone.is_set():

@@ -93,6 +93,7 @@ APP = create_app(
         api_key=KEY,
         webhook_secret="fuzz-webhook-secret",
         agentkit_api_url="http://127.0.0.1:9",  # the discard port: a dispatched task reaches nothing
+        stream_max_seconds=0.05,  # the audit stream ends (event: end, max_age) and its answer can be checked
     )
 )
 

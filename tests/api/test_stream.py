@@ -242,3 +242,15 @@ def test_closing_the_hub_ends_every_stream_with_shutdown(store_url: str) -> None
                 assert end is not None and end.event == "end" and end.json["reason"] == "shutdown"
 
     run(store_url, body)
+
+
+def test_a_stream_is_ended_at_its_maximum_age_and_resumes(store_url: str) -> None:
+    async def body(app: FastAPI, client: httpx.AsyncClient) -> None:
+        await report(client, "aged", "idle")
+        async with open_stream(app, params={"after": "0"}, headers=AUTH) as stream:
+            (first,) = await stream.records(1)
+            end = await stream.next(5)
+            assert end is not None and end.event == "end" and end.json["reason"] == "max_age"
+            assert end.json["lastEventId"] == first.id
+
+    run(store_url, body, stream_max_seconds=0.5)

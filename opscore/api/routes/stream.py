@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -14,12 +14,31 @@ from opscore.models import AuditQuery
 
 router = APIRouter(prefix="/v1/opscore", tags=["audit"])
 
-STREAM_CONTENT: dict[int | str, dict[str, object]] = {
+STREAM_CONTENT: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "`text/event-stream`: per record `id: <position>`, `event: audit`, "
         "`data: <the record as one line of JSON>`; `: ping` comments when idle; a final `event: end` "
-        '(`{"reason": "slow_consumer" | "shutdown", "detail", "lastEventId"}`) before the server closes it',
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        '(`{"reason": "slow_consumer" | "shutdown" | "max_age", "detail", "lastEventId"}`) before the server '
+        "closes it",
+        # OpenAPI 3.1: for an event stream, `schema` describes one event (3.2 would say `itemSchema`)
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": ["audit", "end"]},
+                        "id": {"type": "string", "description": "the record's position (opaque)"},
+                        "data": {
+                            "type": "string",
+                            "description": "`audit`: the record as one line of JSON; "
+                            '`end`: `{"reason", "detail", "lastEventId"}`',
+                        },
+                        "retry": {"type": "integer"},
+                    },
+                }
+            }
+        },
     }
 }
 
