@@ -1,9 +1,10 @@
 """Prometheus metrics (DESIGN §11): what Ops-Core counts, with labels that stay bounded.
 
 One :class:`Metrics` per app, on a registry of its own (tests build many apps in one process;
-the global registry would refuse the second). The recording calls sit on the hot path (every
-request, every committed record), so each one is a dict look-up of a cached child and an
-``inc``/``observe``: the cost is measured in ``docs/performance.md``.
+the global registry would refuse the second). prometheus_client renders the exposition from
+metric families; the numbers behind them are plain dicts updated on the event loop, because
+the recording calls sit on the hot path (every request, every committed record) and the
+library's own metric objects take a lock per update (``docs/performance.md`` measured both).
 
 No label takes an unbounded value: ``route`` is the route template (``/v1/opscore/agent/{agent_id}``,
 never the raw path), ``method`` one of the HTTP methods (others are ``OTHER``), ``status`` a
@@ -13,14 +14,16 @@ three-digit code, ``machine``/``event`` come from the declarations (anything els
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from opscore.audit import METADATA_EVENT
 from opscore.machines import MACHINES
@@ -76,101 +79,167 @@ def _declared_states(machine: str) -> set[str]:
     return {s if isinstance(s, str) else s["name"] for s in MACHINES[machine]["states"]}
 
 
+class _Counter:
+    """A labelled counter kept as plain numbers: recording is a dict update, no lock.
+
+    Every recording call and every scrape runs on the app's event loop thread, so nothing
+    here is shared between threads; prometheus_client's own ``Counter`` takes a lock per
+    increment (measured: 0.9 µs against 0.1 µs, docs/performance.md).
+    """
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        values = self.values
+        values[key] = values.get(key, 0.0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, value in self.values.items():
+            family.add_metric(list(key), value)
+        return family
+
+
+class _Histogram:
+    """A labelled histogram kept as plain numbers: one bucket found by bisection, no lock."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.labels, self.bounds = name, documentation, labels, buckets
+        self.rows: dict[tuple[str, ...], list[float]] = {}
+        """Per label set: a count per bucket (``+Inf`` last, not cumulative), then the sum."""
+
+    def row(self, key: tuple[str, ...]) -> list[float]:
+        found = self.rows.get(key)
+        if found is None:
+            found = self.rows[key] = [0.0] * (len(self.bounds) + 2)
+        return found
+
+    def observe(self, row: list[float], value: float) -> None:
+        row[bisect_left(self.bounds, value)] += 1
+        row[-1] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        edges = [*(floatToGoString(b) for b in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        for key, row in self.rows.items():
+            cumulative, buckets = 0.0, []
+            for edge, count in zip(edges, row[:-1], strict=True):
+                cumulative += count
+                buckets.append((edge, cumulative))
+            family.add_metric(list(key), buckets, row[-1])
+        return family
+
+
+class _Families(Collector):
+    def __init__(self, *families: _Counter | _Histogram) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.family()
+
+
 class Metrics:
     """The counters and histograms of one app, and the cheap calls that record into them."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call] # no `_created` series beside every counter: half the scrape, no use here
-        self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.transitions = Counter(
+        self.registry = registry = CollectorRegistry(auto_describe=False)
+        self.transitions = _Counter(
             "opscore_transitions",
             "Audit records committed (applied and refused transitions), by machine, event and outcome",
             ["machine", "event", "outcome"],
-            registry=registry,
         )
-        self.http_requests = Counter(
+        self.http_requests = _Counter(
             "opscore_http_requests",
             "HTTP requests answered, by method, route template and status",
             ["method", "route", "status"],
-            registry=registry,
         )
-        self.http_duration = Histogram(
+        self.http_duration = _Histogram(
             "opscore_http_request_duration_seconds",
             "Time from a request's arrival to the end of its answer (a stream: its whole life), by route template",
             ["method", "route"],
-            buckets=HTTP_BUCKETS,
-            registry=registry,
+            HTTP_BUCKETS,
         )
-        self.store_commit = Histogram(
+        self.store_commit = _Histogram(
             "opscore_store_commit_seconds",
             "Time the engine waits for the store to commit a change or a batch of changes "
             "(SQLite: queueing in the group commit included)",
-            buckets=COMMIT_BUCKETS,
-            registry=registry,
+            [],
+            COMMIT_BUCKETS,
         )
-        self.dispatches = Counter(
+        self.dispatches = _Counter(
             "opscore_dispatches",
             "Workflow task dispatches to AgentKit, by outcome (accepted, unknown_agent, unreachable)",
             ["outcome"],
-            registry=registry,
         )
-        self.auth_denied_total = Counter(
+        self.auth_denied_total = _Counter(
             "opscore_auth_denied",
             "Requests refused for their credentials (401) or their key's scopes (403), by reason",
             ["reason"],
-            registry=registry,
         )
         self.entities = EntityCounts()
+        registry.register(
+            _Families(
+                self.transitions,
+                self.http_requests,
+                self.http_duration,
+                self.store_commit,
+                self.dispatches,
+                self.auth_denied_total,
+            )
+        )
         registry.register(self.entities)
         self._events = _events()
-        self._transition_children: dict[tuple[Any, ...], Any] = {}
-        self._request_children: dict[tuple[str, str | None, int], tuple[Any, Any]] = {}
-        self._commit_observe = self.store_commit.observe
+        self._transition_keys: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        self._request_keys: dict[tuple[str, str | None, int], tuple[tuple[str, ...], list[float]]] = {}
+        self._commit_row = self.store_commit.row(())
 
     # -- recording (hot paths: keep each a look-up and an increment) -------------------------------
 
     def transition(self, record: dict[str, Any], entity: Any = None) -> None:
         """An engine listener: one committed audit record."""
-        key = (record["entityType"], record["event"], record["outcome"])
-        child = self._transition_children.get(key)
-        if child is None:
-            child = self._transition_children[key] = self.transitions.labels(*self._transition_labels(*key))
-        child.inc()
+        raw = (record["entityType"], record["event"], record["outcome"])
+        key = self._transition_keys.get(raw)
+        if key is None:
+            key = self._transition_keys[raw] = self._transition_labels(*raw)
+        self.transitions.inc(key)
 
     def _transition_labels(self, machine: str, event: str | None, outcome: str) -> tuple[str, str, str]:
         events = self._events.get(machine)
+        shown_outcome = outcome if outcome in ("applied", "rejected") else OTHER
         if events is None:
-            return OTHER, OTHER, outcome if outcome in ("applied", "rejected") else OTHER
-        shown = "none" if event is None else event if event in events else OTHER
-        return machine, shown, outcome if outcome in ("applied", "rejected") else OTHER
+            return OTHER, OTHER, shown_outcome
+        return machine, "none" if event is None else event if event in events else OTHER, shown_outcome
 
     def request(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """One answered HTTP request (called where the access line is written)."""
-        key = (method, route, status)
-        children = self._request_children.get(key)
-        if children is None:
+        raw = (method, route, status)
+        found = self._request_keys.get(raw)
+        if found is None:
             shown_method = method if method in METHODS else "OTHER"
             shown_route = UNMATCHED if route is None else route
             shown_status = str(status) if 100 <= status <= 599 else OTHER
-            children = self._request_children[key] = (
-                self.http_requests.labels(shown_method, shown_route, shown_status),
-                self.http_duration.labels(shown_method, shown_route),
+            found = self._request_keys[raw] = (
+                (shown_method, shown_route, shown_status),
+                self.http_duration.row((shown_method, shown_route)),
             )
-        children[0].inc()
-        children[1].observe(seconds)
+        self.http_requests.inc(found[0])
+        self.http_duration.observe(found[1], seconds)
 
     def commit(self, seconds: float) -> None:
         """One store commit as the engine waited for it."""
-        self._commit_observe(seconds)
+        self.store_commit.observe(self._commit_row, seconds)
 
     def dispatched(self, outcome: str) -> None:
         """One dispatch to AgentKit and how it ended (``accepted``, ``unknown_agent``, ``unreachable``)."""
-        self.dispatches.labels(outcome if outcome in ("accepted", "unknown_agent", "unreachable") else OTHER).inc()
+        self.dispatches.inc((outcome if outcome in ("accepted", "unknown_agent", "unreachable") else OTHER,))
 
     def auth_denied(self, reason: str) -> None:
         """One request refused for its credentials or scopes; ``reason`` is a short fixed word
         (``missing_key``, ``invalid_key``, ``bad_signature``, ``forbidden``, ...), never client text."""
-        self.auth_denied_total.labels(reason).inc()
+        self.auth_denied_total.inc((reason,))
 
     # -- the scrape ----------------------------------------------------------------------------------
 
