@@ -7,9 +7,12 @@ that moves it; the labels are checked to stay bounded (route templates, never a 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -191,3 +194,23 @@ def test_dispatches_count_each_outcome(store_url: str, status: int, outcome: str
             assert moved == 1
 
     asyncio.run(main())
+
+
+def test_metrics_need_scope_read_and_a_refusal_is_counted_as_forbidden(store_url: str, tmp_path: Path) -> None:
+    secret = "reporter-secret-0123456789"
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"name": "reporter", "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                                 "scopes": ["report"]}]))  # fmt: skip
+
+    async def body(app: FastAPI, client: httpx.AsyncClient) -> None:
+        before = await scrape(client)
+        answer = await client.get("/metrics", headers={"Authorization": f"Bearer {secret}"})
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["code"] == "forbidden" and "read" in answer.json()["detail"]
+        after = await scrape(client)
+        moved = value(after, "opscore_auth_denied_total", reason="forbidden") - value(
+            before, "opscore_auth_denied_total", reason="forbidden"
+        )
+        assert moved == 1
+
+    run(store_url, body, keys_file=str(keys))
