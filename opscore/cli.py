@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         conf = conf.model_copy(update=overrides)
-    if not conf.api_key.strip():
+    if not conf.api_key.strip() and not conf.keys_file.strip():
         print("OPSCORE_API_KEY is not set. Set it, or run `opscore serve --generate-key`.", file=sys.stderr)
         return 2
     try:

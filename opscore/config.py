@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import re
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opscore.keys import ApiKey, InvalidApiKeys, digest, load_keys_file
+
+__all__ = ["ApiKey", "InvalidApiKeys", "Settings", "parse_api_keys"]
 
 _NAMED = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]{0,31}):(.+)$")
 _PRINTABLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
@@ -26,18 +28,6 @@ MIN_NAMED_SECRET = 8
 
 ANON_SALT = b"opscore-anonymous-key-name-v1"
 ANON_ITERATIONS = 200_000
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """One accepted bearer key and the name audit records show for it (``actor: key:<name>``)."""
-
-    name: str
-    secret: bytes
-
-
-class InvalidApiKeys(ValueError):
-    """``OPSCORE_API_KEY`` holds a key Ops-Core refuses to start with; the message never quotes a secret."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -93,7 +83,7 @@ def parse_api_keys(raw: str, variable: str = "OPSCORE_API_KEY") -> tuple[ApiKey,
                 )
         else:
             name, secret = anonymous_name(part.encode()), part
-        keys.append(ApiKey(name, secret.encode()))
+        keys.append(ApiKey(name, digest(secret.encode())))
     return tuple(keys)
 
 
@@ -103,6 +93,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
 
     api_key: str = Field(default="", validation_alias=AliasChoices("OPSCORE_API_KEY", "api_key"), repr=False)
+    keys_file: str = Field(default="", validation_alias=AliasChoices("OPSCORE_KEYS_FILE", "keys_file"))
     database_url: str = Field(
         default="sqlite:///./opscore.db", validation_alias=AliasChoices("OPSCORE_DATABASE_URL", "database_url")
     )
@@ -183,8 +174,21 @@ class Settings(BaseSettings):
 
     @property
     def api_keys(self) -> tuple[ApiKey, ...]:
-        """The accepted keys; :class:`InvalidApiKeys` when one breaks a rule (see :func:`parse_api_keys`)."""
-        return parse_api_keys(self.api_key)
+        """Every accepted key: ``OPSCORE_API_KEY``'s (every scope) and ``OPSCORE_KEYS_FILE``'s.
+
+        :class:`InvalidApiKeys` when one breaks a rule (see :func:`parse_api_keys`),
+        :class:`~opscore.keys.InvalidKeysFile` when the file does, or when one name is used twice.
+        """
+        keys = parse_api_keys(self.api_key)
+        if self.keys_file.strip():
+            keys += load_keys_file(self.keys_file.strip())
+        names = [key.name for key in keys]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InvalidApiKeys(
+                f"the key name(s) {', '.join(twice)} are given twice (OPSCORE_API_KEY, OPSCORE_KEYS_FILE)"
+            )
+        return keys
 
     @property
     def webhook_secrets(self) -> tuple[bytes, ...]:
@@ -223,12 +227,3 @@ def connectable(host: str) -> str:
 def url_host(host: str) -> str:
     """``host`` as it goes into a URL (IPv6 literals in brackets)."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def match_key(keys: tuple[ApiKey, ...], presented: bytes) -> ApiKey | None:
-    """The key equal to ``presented``, compared in constant time against every key."""
-    found = None
-    for key in keys:
-        if hmac.compare_digest(key.secret, presented):
-            found = key
-    return found

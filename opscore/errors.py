@@ -29,6 +29,7 @@ Domain code raises these; ``api/errors.py`` maps each class to one HTTP status a
     ├── PreconditionFailed        412 revision_mismatch (If-Match did not hold)
     ├── RevisionConflict          the store's compare-and-set lost; the engine retries it
     ├── Unauthorized              401
+    ├── Forbidden                 403 forbidden (the key lacks the scope, or the agent is outside its globs)
     ├── PayloadTooLarge           413 payload_too_large
     ├── RendererMissing           501 renderer_missing (SVG without Graphviz's dot; detail says what to install)
     ├── Unavailable               503 (storage unreachable)
@@ -224,6 +225,12 @@ class RevisionConflict(OpsCoreError):
 
 class Unauthorized(OpsCoreError):
     code = "unauthorized"
+
+
+class Forbidden(OpsCoreError):
+    """A valid key without the scope a request needs (DESIGN §9); nothing changed, nothing recorded."""
+
+    code = "forbidden"
 
 
 class PayloadTooLarge(OpsCoreError):

@@ -133,7 +133,11 @@ class InProcess:
         self._lifespan = asyncio.run_coroutine_threadsafe(live(), loop.loop)
         while not started.wait(0.05):
             if self._lifespan.done():
-                self._lifespan.result()  # raises what the start-up raised
+                try:
+                    self._lifespan.result()  # raises what the start-up raised
+                finally:
+                    loop.close()
+                    self._loop = None
         return self
 
     def stop(self) -> None:

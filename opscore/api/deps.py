@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -12,11 +14,14 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from opscore.clock import normalise
-from opscore.config import Settings, match_key
+from opscore.config import Settings
 from opscore.engine import Context, Engine
-from opscore.errors import Invalid, Unauthorized
+from opscore.errors import Forbidden, Invalid, Unauthorized
 from opscore.idempotency import Idempotency
+from opscore.keys import ApiKey, Scope, match
 from opscore.storage.base import Store
+
+log = logging.getLogger("opscore.api")
 
 
 async def get_engine(request: Request) -> Engine:
@@ -35,8 +40,25 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def caller(request: Request) -> str:
-    """The actor name of a valid bearer key (``key:<name>``); 401 otherwise.
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the key that authenticated the request (never its secret)."""
+
+    key: ApiKey
+
+    @property
+    def actor(self) -> str:
+        """The audit ``actor`` (DESIGN §9: ``key:<name>``)."""
+        return f"key:{self.key.name}"
+
+    def require_report_for(self, request: Request, agent_id: str) -> None:
+        """403 unless this key may report for ``agent_id`` (an agent id named in a body)."""
+        if not self.key.may_report_for(agent_id):
+            raise denied(request, self, Scope.REPORT, agent_id)
+
+
+async def caller(request: Request) -> Caller:
+    """The key of a valid bearer token; 401 otherwise (authentication only: :class:`Permit` authorises).
 
     ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread
     pool, a hop that cost 40% of the requests/s of a bare endpoint here. The header is read
@@ -49,17 +71,80 @@ async def caller(request: Request) -> str:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <OPSCORE_API_KEY>'")
-    key = match_key(request.app.state.api_keys, token.strip().encode())
+    key = match(request.app.state.api_keys, token.strip().encode())
     if key is None:
         raise Unauthorized("invalid API key")
     request.scope["opscore.key"] = key.name  # the access line names the caller's key (Guard)
-    return f"key:{key.name}"
+    return Caller(key)
+
+
+def denied(request: Request, who: Caller, needs: Scope, agent_id: str | None = None) -> Forbidden:
+    """The 403 for ``who``, logged as one ``forbidden`` line (DESIGN §9). Nothing has changed yet."""
+    route = request.scope.get("route")
+    if agent_id is not None and who.key.holds(needs):
+        detail = f"{who.key.describe()}: it may not act for agent {agent_id!r}"
+    else:
+        detail = f"{who.key.describe()}: this needs {needs.value}"
+    log.warning(
+        "forbidden",
+        extra={
+            "keyName": who.key.name,
+            "method": request.method,
+            "route": getattr(route, "path", None),
+            "needs": needs.value,
+            "agentId": agent_id,
+        },
+    )
+    return Forbidden(detail, needs=needs.value)
+
+
+class Permit:
+    """A route's permission, declared once in its signature: ``caller: Annotated[Caller, Depends(Permit(...))]``.
+
+    ``agent`` names the path parameter holding the agent the request is about: ``report`` is
+    then checked against the key's agent globs, and ``read`` of that agent is allowed to a
+    ``report`` key for it too (an agent's key reads its own agent back).
+    """
+
+    def __init__(self, scope: Scope, *, agent: str | None = None) -> None:
+        self.scope = scope
+        self.agent = agent
+
+    def __repr__(self) -> str:
+        return f"Permit({self.scope.value}{'' if self.agent is None else f', agent={self.agent}'})"
+
+    def allows(self, key: ApiKey, agent_id: str | None) -> bool:
+        if agent_id is None:
+            return key.holds(self.scope)
+        if self.scope is Scope.REPORT:
+            return key.may_report_for(agent_id)
+        if self.scope is Scope.READ:
+            return key.may_read_agent(agent_id)
+        return key.holds(self.scope)
+
+    async def __call__(self, request: Request, who: Annotated[Caller, Depends(caller)]) -> Caller:
+        agent_id = None if self.agent is None else str(request.path_params.get(self.agent, ""))
+        if not self.allows(who.key, agent_id):
+            raise denied(request, who, self.scope, agent_id if self.scope is not Scope.OPERATE else None)
+        return who
+
+
+Reads = Annotated[Caller, Depends(Permit(Scope.READ))]
+"""Every GET: ``read`` (``operate`` and ``admin`` imply it)."""
+ReadsAgent = Annotated[Caller, Depends(Permit(Scope.READ, agent="agent_id"))]
+"""A GET about one agent: ``read``, or ``report`` for that agent."""
+Reports = Annotated[Caller, Depends(Permit(Scope.REPORT))]
+"""Reports whose agents are in the body: the route checks each with :meth:`Caller.require_report_for`."""
+ReportsAgent = Annotated[Caller, Depends(Permit(Scope.REPORT, agent="agent_id"))]
+"""A state report for the agent in the path."""
+Operates = Annotated[Caller, Depends(Permit(Scope.OPERATE))]
+"""Operator triggers, workflow definitions, starting and moving runs."""
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-CallerDep = Annotated[str, Depends(caller)]
+CallerDep = Annotated[Caller, Depends(caller)]
 
 
 MAX_REVISION_DIGITS = 18
@@ -99,7 +184,7 @@ TRANSITION_HEADERS: list[dict[str, Any]] = [
 ]
 
 
-async def context(request: Request, actor: CallerDep) -> Context:
+async def context(request: Request, who: CallerDep) -> Context:
     """The transition context of a request: actor, If-Match, Idempotency-Key, request id.
 
     The two headers are read from the request, not declared as ``Header`` parameters: FastAPI
@@ -120,9 +205,9 @@ async def context(request: Request, actor: CallerDep) -> Context:
         fingerprint = hashlib.sha256(
             request.method.encode() + b" " + request.url.path.encode() + b"\n" + precondition + b"\n" + body
         ).hexdigest()
-        idem = Idempotency(actor, idempotency_key, fingerprint)
+        idem = Idempotency(who.actor, idempotency_key, fingerprint)
     request_id = request.scope.get("opscore.request_id")
-    return Context(actor=actor, request_id=request_id, if_match=parse_if_match(if_match), idempotency=idem)
+    return Context(actor=who.actor, request_id=request_id, if_match=parse_if_match(if_match), idempotency=idem)
 
 
 def _depends_on(dependant: Dependant, call: Any) -> bool:

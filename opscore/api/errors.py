@@ -25,6 +25,7 @@ STATUS: dict[type[errors.OpsCoreError], int] = {
     errors.RevisionConflict: 409,
     errors.PreconditionFailed: 412,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.PayloadTooLarge: 413,
     errors.RendererMissing: 501,
     errors.Unavailable: 503,

@@ -42,7 +42,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from opscore.api.deps import caller, context
+from opscore.api.deps import Permit, caller, context
 from opscore.api.schemas import ErrorBody, WorkflowDefinition
 
 SWAGGER_UI_VERSION = "5.35.0"
@@ -54,6 +54,7 @@ BEARER = "bearer"
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "No valid bearer key (the answer carries `WWW-Authenticate: Bearer`)",
+    403: "The key lacks the scope this needs, or the agent is outside its globs (`forbidden`): nothing changed",
     404: "Unknown id",
     409: "Refused: an illegal transition, a stale report, or a body that conflicts with what is stored",
     412: 'If-Match named another revision than the current one (see the `ETag`, e.g. "3")',
@@ -143,6 +144,15 @@ def finish(doc: dict[str, Any], app: FastAPI) -> dict[str, Any]:
         if _uses(route.dependant, caller):
             op["security"] = [{BEARER: []}]
             implied.add(401)
+        permit = permission(route)
+        if permit is not None:
+            implied.add(403)
+            op["x-opscore-scope"] = permit.scope.value
+            op["description"] = (
+                op.get("description", "")
+                + f"\n\nNeeds scope `{permit.scope.value}`"
+                + (" (or `report` for this agent)." if permit.agent and permit.scope.value == "read" else ".")
+            ).strip()
         if _uses(route.dependant, context):
             implied |= {412, 422}
         if "requestBody" in op:
@@ -162,6 +172,17 @@ def finish(doc: dict[str, Any], app: FastAPI) -> dict[str, Any]:
         if f'"{REF.format(model=unused)}"' not in json.dumps(doc):
             schemas.pop(unused, None)
     return doc
+
+
+def permission(route: APIRoute) -> Permit | None:
+    """The :class:`~opscore.api.deps.Permit` a route declares (each route under /v1/opscore has one)."""
+    stack = [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        if isinstance(dependant.call, Permit):
+            return dependant.call
+        stack.extend(dependant.dependencies)
+    return None
 
 
 def _is_fastapi_422(response: dict[str, Any] | None) -> bool:

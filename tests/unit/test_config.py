@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from opscore.config import (
     Settings,
     anonymous_name,
     first_secret,
-    match_key,
     parse_api_keys,
 )
+from opscore.keys import Scope, digest, match
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +38,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def test_named_and_unnamed_keys() -> None:
     keys = parse_api_keys("agents:0123456789, ops:Prod2024:xyz-and-more ,plain-secret")
-    assert [(k.name, k.secret) for k in keys] == [
-        ("agents", b"0123456789"),
-        ("ops", b"Prod2024:xyz-and-more"),  # the first ':' names; the rest is the secret
-        (anonymous_name(b"plain-secret"), b"plain-secret"),
+    assert [(k.name, k.digest) for k in keys] == [
+        ("agents", digest(b"0123456789")),
+        ("ops", digest(b"Prod2024:xyz-and-more")),  # the first ':' names; the rest is the secret
+        (anonymous_name(b"plain-secret"), digest(b"plain-secret")),
     ]
-    assert match_key(keys, b"plain-secret") is keys[2]
-    assert match_key(keys, b"Prod2024:xyz-and-more") is keys[1]
+    assert all(k.scopes == set(Scope) and k.agents is None for k in keys)  # OPSCORE_API_KEY: every scope
+    assert match(keys, b"plain-secret") is keys[2]
+    assert match(keys, b"Prod2024:xyz-and-more") is keys[1]
+    assert match(keys, b"Prod2024") is None
 
 
 @pytest.mark.parametrize(
@@ -169,3 +172,24 @@ def test_ensure_env_keeps_a_configured_key(clean_env: Path, monkeypatch: pytest.
     generated = cli.ensure_env(clean_env / ".env")
     assert set(generated) == {"OPSCORE_WEBHOOK_SECRET"}
     monkeypatch.delenv("OPSCORE_WEBHOOK_SECRET")
+
+
+def test_a_new_key_is_shown_once_and_stored_as_its_hash_only() -> None:
+    from opscore.keys import load_keys_file, new_key
+
+    secret, entry = new_key("summariser", ["report"], ["summariser-*"])
+    assert secret not in json.dumps(entry) and len(secret) >= 32
+    assert entry == {
+        "name": "summariser",
+        "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+        "scopes": ["report"],
+        "agents": ["summariser-*"],
+    }
+    path = Path("keys.json")
+    path.write_text(json.dumps([entry]), encoding="utf-8")
+    (key,) = load_keys_file(str(path))
+    assert match([key], secret.encode()) is key
+    assert key.may_report_for("summariser-7") and not key.may_report_for("reviewer-1")
+    assert not key.holds(Scope.READ) and key.may_read_agent("summariser-7")
+    with pytest.raises(ValueError, match="scope"):
+        new_key("x", ["fly"])

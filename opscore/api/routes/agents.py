@@ -8,9 +8,13 @@ from fastapi import APIRouter, Query, Request
 
 from opscore import history
 from opscore.api.deps import (
-    CallerDep,
     ContextDep,
     EngineDep,
+    Operates,
+    Reads,
+    ReadsAgent,
+    Reports,
+    ReportsAgent,
     StoreDep,
     decode_cursor,
     encode_cursor,
@@ -91,16 +95,17 @@ async def register(engine: Engine, details: AgentDetails, ctx: Context) -> tuple
     },
     openapi_extra=example(AGENT_DETAILS_EXAMPLE),
 )
-async def register_agent(body: AgentDetails, engine: EngineDep, actor: CallerDep) -> JsonAnswer:
+async def register_agent(body: AgentDetails, engine: EngineDep, request: Request, caller: Reports) -> JsonAnswer:
     """Body as the webhook's `agent_details`. A known agent keeps its state; only its metadata changes."""
-    entity, created = await register(engine, body, Context(actor=actor))
+    caller.require_report_for(request, body.agentId)
+    entity, created = await register(engine, body, Context(actor=caller.actor))
     return JsonAnswer(agent_view(entity), status_code=201 if created else 200, headers={"ETag": f'"{entity.revision}"'})
 
 
 @router.get("/agents", summary="List agents", response_model=AgentPage, responses=errors(503))
 async def list_agents(
     store: StoreDep,
-    actor: CallerDep,
+    caller: Reads,
     state: Annotated[str | None, Query(description="only agents in this state")] = None,
     capability: Annotated[str | None, Query(description="only agents with this capability")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -124,7 +129,7 @@ async def list_agents(
 
 
 @router.get("/agent/{agent_id}", summary="One agent", response_model=AgentView, responses=errors(404, 503))
-async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> JsonAnswer:
+async def get_agent(agent_id: AgentId, engine: EngineDep, caller: ReadsAgent) -> JsonAnswer:
     """Metadata, `state`, `revision` (also the `ETag`) and `lastSeenAt`."""
     entity = await engine.get("agent", agent_id)
     return JsonAnswer(agent_view(entity), headers={"ETag": f'"{entity.revision}"'})
@@ -137,7 +142,9 @@ async def get_agent(agent_id: AgentId, engine: EngineDep, actor: CallerDep) -> J
     responses=errors(409, 503),
     openapi_extra=example(STATE_REPORT_EXAMPLE),
 )
-async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, request: Request) -> JsonAnswer:
+async def report_state(
+    agent_id: AgentId, body: StateReport, ctx: ContextDep, request: Request, caller: ReportsAgent
+) -> JsonAnswer:
     """Applies the one declared transition to the reported state; the same state is a heartbeat.
 
     An agent never seen before is registered on the spot (AgentKit reports before its
@@ -163,7 +170,7 @@ async def report_state(agent_id: AgentId, body: StateReport, ctx: ContextDep, re
 async def get_state(
     agent_id: AgentId,
     engine: EngineDep,
-    actor: CallerDep,
+    caller: ReadsAgent,
     at: Annotated[
         str | None,
         Query(description="the state at this ISO-8601 time, replayed from the agent's audit chain; default: now"),
@@ -214,7 +221,9 @@ async def get_state(
     responses=errors(404, 409, 503),
     openapi_extra=example(TRIGGER_EXAMPLE),
 )
-async def fire_trigger(agent_id: AgentId, body: TriggerRequest, engine: EngineDep, ctx: ContextDep) -> JsonAnswer:
+async def fire_trigger(
+    agent_id: AgentId, body: TriggerRequest, engine: EngineDep, ctx: ContextDep, caller: Operates
+) -> JsonAnswer:
     """`{"trigger": "recover"}`: 422 for an unknown trigger, 409 when it is illegal from the current state."""
     result = await engine.fire("agent", agent_id, body.trigger, ctx=ctx, details=body.details)
     return answer(result)

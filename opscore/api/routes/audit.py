@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from opscore.api.deps import CallerDep, StoreDep
+from opscore.api.deps import Reads, ReadsAgent, StoreDep
 from opscore.api.openapi import errors
 from opscore.api.paging import AuditFiltersDep, audit_page
 from opscore.api.schemas import AgentIdPath, AuditPage, VerifyAnswer
@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/opscore", tags=["audit"])
 async def agent_audit(
     agent_id: AgentIdPath,
     store: StoreDep,
-    actor: CallerDep,
+    caller: ReadsAgent,
     filters: AuditFiltersDep,
 ) -> Response:
     """Applied and refused transitions of one agent, in `seq` order (or reversed)."""
@@ -36,7 +36,7 @@ async def agent_audit(
 @router.get("/audit", summary="Audit records of every entity", response_model=AuditPage, responses=errors(503))
 async def all_audit(
     store: StoreDep,
-    actor: CallerDep,
+    caller: Reads,
     filters: AuditFiltersDep,
     entityType: Annotated[str | None, Query(description="agent, workflow or task")] = None,  # noqa: N803
 ) -> Response:
@@ -45,7 +45,7 @@ async def all_audit(
 
 
 @router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=errors(503))
-async def verify(request: Request, store: StoreDep, actor: CallerDep) -> dict[str, Any]:
+async def verify(request: Request, store: StoreDep, caller: Reads) -> dict[str, Any]:
     """Checks every record's hash, every `prevHash` link, gap-free `seq` and each entity's stored head.
 
     One verification runs at a time: callers arriving while one runs share its answer.

@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from opscore.api.deps import CallerDep, EngineDep
+from opscore.api.deps import EngineDep, Reports, denied
 from opscore.api.errors import render_error, validation_body
 from opscore.api.openapi import errors, example
 from opscore.api.schemas import (
@@ -22,6 +22,7 @@ from opscore.api.schemas import (
 from opscore.engine import Context, Report
 from opscore.errors import Invalid, OpsCoreError
 from opscore.idempotency import Replay
+from opscore.keys import Scope
 from opscore.models import Entity, TransitionResult
 
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
@@ -46,17 +47,18 @@ def _check_headers(request: Request) -> None:
     responses=errors(503),
     openapi_extra=example(STATE_REPORT_BATCH_EXAMPLE),
 )
-async def report_states(body: StateReportBatch, request: Request, engine: EngineDep, actor: CallerDep) -> Response:
+async def report_states(body: StateReportBatch, request: Request, engine: EngineDep, caller: Reports) -> Response:
     """Up to 1000 reports, answered in order: `{"results": [{"status", "body"}, ...]}`.
 
     Each result has the status and body the report would get alone (200, 409
     `illegal_transition`/`stale_report`, 422 ...). Reports of different agents are applied
     concurrently and committed together; one agent's reports are applied in their order.
     More than 1000 reports: 422 for the whole request. `If-Match` and `Idempotency-Key` are
-    refused (422): they name one transition.
+    refused (422): they name one transition. A report for an agent outside the key's globs
+    answers its own 403 `forbidden` and changes nothing; the others go on.
     """
     _check_headers(request)
-    ctx = Context(actor=actor, request_id=request.scope.get("opscore.request_id"))
+    ctx = Context(actor=caller.actor, request_id=request.scope.get("opscore.request_id"))
     initial = engine.fsm("agent").initial
     results: list[dict[str, Any] | None] = [None] * len(body.reports)
     reports: list[Report] = []
@@ -68,12 +70,15 @@ async def report_states(body: StateReportBatch, request: Request, engine: Engine
             errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             results[i] = {"status": 422, "body": validation_body(errors)}
             continue
+        if not caller.key.may_report_for(report.agentId):
+            results[i] = _result(denied(request, caller, Scope.REPORT, report.agentId), ctx.request_id)
+            continue
         seed = Entity("agent", report.agentId, initial)
         reports.append(Report(report.agentId, report.state, report.timestamp, report.details, seed))
         positions.append(i)
     answers = await engine.report_many("agent", reports, ctx=ctx)
     for i, answer in zip(positions, answers, strict=True):
-        results[i] = _result(answer)
+        results[i] = _result(answer, ctx.request_id)
     # orjson straight to bytes: validating 100 results against the response model and
     # encoding them with the stdlib cost more than applying the transitions did
     payload = {"results": results}
@@ -84,9 +89,9 @@ async def report_states(body: StateReportBatch, request: Request, engine: Engine
     return Response(content, media_type="application/json")
 
 
-def _result(answer: TransitionResult | Replay | OpsCoreError) -> dict[str, Any]:
+def _result(answer: TransitionResult | Replay | OpsCoreError, request_id: str | None) -> dict[str, Any]:
     if isinstance(answer, OpsCoreError):
-        status, body = render_error(answer)
+        status, body = render_error(answer, request_id)
     elif isinstance(answer, Replay):
         status, body = answer.status, answer.body
     else:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from opscore import diagrams, history
-from opscore.api.deps import CallerDep, EngineDep, parse_moment
+from opscore.api.deps import EngineDep, Reads, ReadsAgent, parse_moment
 from opscore.api.openapi import errors
 from opscore.api.schemas import AgentIdPath, SessionIdPath, TaskIdPath
 from opscore.engine import Engine
@@ -91,7 +91,7 @@ async def draw_entity(
     response_class=Response,
     responses={**DIAGRAM_CONTENT, **errors(404, 501)},
 )
-async def machine_diagram(name: str, actor: CallerDep, format: Format = "mermaid") -> Response:
+async def machine_diagram(name: str, caller: Reads, format: Format = "mermaid") -> Response:
     """Mermaid `stateDiagram-v2` text or SVG, drawn from the declaration the engine runs."""
     if name not in MACHINES:
         raise UnknownMachine(f"no machine called {name!r}; machines: {', '.join(MACHINES)}", valid=list(MACHINES))
@@ -107,7 +107,7 @@ async def machine_diagram(name: str, actor: CallerDep, format: Format = "mermaid
 async def agent_diagram(
     agent_id: AgentIdPath,
     engine: EngineDep,
-    actor: CallerDep,
+    caller: ReadsAgent,
     format: Format = "mermaid",
     last: Last = diagrams.DEFAULT_LAST,
     at: At = None,
@@ -127,7 +127,7 @@ async def workflow_diagram(
     session_id: SessionIdPath,
     engine: EngineDep,
     request: Request,
-    actor: CallerDep,
+    caller: Reads,
     format: Format = "mermaid",
     last: Last = diagrams.DEFAULT_LAST,
     at: At = None,
@@ -182,7 +182,7 @@ async def task_diagram(
     session_id: SessionIdPath,
     task_id: TaskIdPath,
     engine: EngineDep,
-    actor: CallerDep,
+    caller: Reads,
     format: Format = "mermaid",
     last: Last = diagrams.DEFAULT_LAST,
     at: At = None,

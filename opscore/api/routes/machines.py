@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from opscore.api.deps import CallerDep
+from opscore.api.deps import Reads
 from opscore.api.openapi import errors
 from opscore.api.schemas import MachineList, MachineView
 from opscore.errors import UnknownMachine
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/opscore", tags=["machines"])
 
 
 @router.get("/machines", summary="Every machine declaration", response_model=MachineList)
-async def list_machines(actor: CallerDep) -> dict[str, list[dict[str, Any]]]:
+async def list_machines(caller: Reads) -> dict[str, list[dict[str, Any]]]:
     """`{"items": [declaration, ...]}` for the agent, workflow and task machines."""
     return {"items": [public_view(d) for d in MACHINES.values()]}
 
@@ -27,7 +27,7 @@ async def list_machines(actor: CallerDep) -> dict[str, list[dict[str, Any]]]:
     response_model=MachineView,
     responses=errors(404),
 )
-async def get_machine(name: str, actor: CallerDep) -> dict[str, Any]:
+async def get_machine(name: str, caller: Reads) -> dict[str, Any]:
     """`name`, `initial`, `states`, `terminal` and one `transitions` row per (trigger, source)."""
     if name not in MACHINES:
         raise UnknownMachine(f"no machine called {name!r}; machines: {', '.join(MACHINES)}", valid=list(MACHINES))

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
-from opscore.api.deps import CallerDep, ContextDep, StoreDep, decode_cursor, encode_cursor
+from opscore.api.deps import ContextDep, Operates, Reads, StoreDep, decode_cursor, encode_cursor
 from opscore.api.openapi import errors, example, raw_body
 from opscore.api.paging import AuditFiltersDep, audit_page
 from opscore.api.responses import JsonAnswer
@@ -131,7 +131,7 @@ async def run_view(store: Store, run: Entity) -> dict[str, Any]:
     },
     openapi_extra=raw_body(WorkflowDefinition, DEFINITION_EXAMPLE, "application/json", "application/yaml"),
 )
-async def publish_definition(request: Request, actor: CallerDep) -> JsonAnswer:
+async def publish_definition(request: Request, caller: Operates) -> JsonAnswer:
     """Validated on upload (422 lists every problem). id+version is immutable: the same body → 200, another → 409."""
     body = parse(await request.body(), request.headers.get("content-type"))
     definition, created = await get_runs(request).publish(body)
@@ -146,7 +146,7 @@ async def publish_definition(request: Request, actor: CallerDep) -> JsonAnswer:
 )
 async def list_definitions(
     store: StoreDep,
-    actor: CallerDep,
+    caller: Reads,
     limit: Annotated[int, Query(ge=1, le=1000, description="definitions per page (at most 1000)")] = 100,
     cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
 ) -> JsonAnswer:
@@ -170,7 +170,7 @@ async def list_definitions(
 async def get_definition(
     definition_id: DefinitionIdPath,
     request: Request,
-    actor: CallerDep,
+    caller: Reads,
     version: Annotated[str | None, Query(description="the latest stored version when absent")] = None,
 ) -> JsonAnswer:
     """The stored body of `definition_id` (a given `version`, or the one stored last)."""
@@ -193,7 +193,7 @@ async def start_workflow(
     agent_id: AgentIdPath,
     body: StartRequest,
     request: Request,
-    actor: CallerDep,
+    caller: Operates,
 ) -> JsonAnswer:
     """202 `{"sessionId", "workflowId", "state"}`; the first task is dispatched (or waits for an agent).
 
@@ -212,7 +212,7 @@ async def start_workflow(
         definition,
         agent_id=agent_id,
         payload=body.initialPayload,
-        ctx=Context(actor=actor, request_id=request.scope.get("opscore.request_id")),
+        ctx=Context(actor=caller.actor, request_id=request.scope.get("opscore.request_id")),
     )
     return JsonAnswer(
         {
@@ -246,7 +246,7 @@ FilterId = AfterValidator(_filter_id)
 )
 async def list_runs(
     store: StoreDep,
-    actor: CallerDep,
+    caller: Reads,
     state: Annotated[str | None, Query(description="only runs in this state"), FilterId] = None,
     workflowId: Annotated[str | None, Query(description="only runs of this definition"), FilterId] = None,  # noqa: N803
     agentId: Annotated[str | None, Query(description="only runs started by this agent"), FilterId] = None,  # noqa: N803
@@ -296,7 +296,7 @@ async def list_runs(
     response_model=RunView,
     responses=errors(404, 503),
 )
-async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> JsonAnswer:
+async def get_run(session_id: SessionId, store: StoreDep, caller: Reads) -> JsonAnswer:
     """The run's state and, per task: state, agent, attempts (with errors), result."""
     run = await store.get(WORKFLOW, session_id)
     if run is None:
@@ -312,7 +312,7 @@ async def get_run(session_id: SessionId, store: StoreDep, actor: CallerDep) -> J
     openapi_extra=example(RUN_TRIGGER_EXAMPLE),
 )
 async def run_transition(
-    session_id: SessionId, body: RunTrigger, request: Request, store: StoreDep, ctx: ContextDep
+    session_id: SessionId, body: RunTrigger, request: Request, store: StoreDep, ctx: ContextDep, caller: Operates
 ) -> JsonAnswer:
     """409 `illegal_transition` (and a rejected audit record) when the trigger is illegal in the run's state."""
     run = await get_runs(request).operate(session_id, body.trigger, ctx, body.details)
@@ -328,7 +328,7 @@ async def run_transition(
 async def run_audit(
     session_id: SessionId,
     store: StoreDep,
-    actor: CallerDep,
+    caller: Reads,
     filters: AuditFiltersDep,
 ) -> Response:
     """The run's records and its tasks' records, interleaved in `id` order."""
