@@ -255,7 +255,7 @@ _BY_CODE: dict[str, type[OpsCoreError]] = {}
 
 
 def _register(cls: type[OpsCoreError]) -> None:
-    _BY_CODE.setdefault(cls.code, cls)
+    _BY_CODE[cls.code] = cls  # a subclass sharing its parent's code (Conflict, Refused) wins: the more exact class
     for sub in cls.__subclasses__():
         _register(sub)
 

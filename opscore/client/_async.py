@@ -558,7 +558,11 @@ class AsyncRuns:
         at: str | None = None,
         view: Literal["lifecycle", "tasks"] = "lifecycle",
     ) -> str:
-        """The run on the workflow machine, or (``view="tasks"``) its task graph: Mermaid or SVG text."""
+        """The run on the workflow machine, or (``view="tasks"``) its task graph: Mermaid or SVG text.
+
+        >>> print(await ops.runs.diagram("6f1c...", view="tasks"))
+        flowchart LR ...
+        """
         query = params(format=format, last=last, at=at, view=view)
         return await self._c._text(fill(RUN_DIAGRAM, session_id=session_id), query)
 
@@ -572,7 +576,11 @@ class AsyncRuns:
         last: int | None = None,
         at: str | None = None,
     ) -> str:
-        """One task of a run on the task machine: Mermaid or SVG text."""
+        """One task of a run on the task machine: Mermaid or SVG text.
+
+        >>> print(await ops.runs.task_diagram("6f1c...", "summarise"))
+        stateDiagram-v2 ...
+        """
         query = params(format=format, last=last, at=at)
         return await self._c._text(fill(TASK_DIAGRAM, session_id=session_id, task_id=task_id), query)
 
@@ -611,7 +619,11 @@ class AsyncDefinitions:
 
     @route("GET", DEFINITION)
     async def get(self, definition_id: str, version: str | None = None) -> WorkflowDefinition:
-        """One definition (the version stored last, unless ``version``)."""
+        """One definition (the version stored last, unless ``version``).
+
+        >>> (await ops.definitions.get("summarise-and-review")).tasks[0].taskId
+        'summarise'
+        """
         path = fill(DEFINITION, definition_id=definition_id)
         return await self._c._model(WorkflowDefinition, "GET", path, query=params(version=version))
 
@@ -686,12 +698,20 @@ class AsyncMachines:
 
     @route("GET", MACHINE)
     async def get(self, name: str) -> MachineView:
-        """One declaration: states, terminal states and one transition per (trigger, source)."""
+        """One declaration: states, terminal states and one transition per (trigger, source).
+
+        >>> (await ops.machines.get("agent")).initial
+        'registered'
+        """
         return await self._c._model(MachineView, "GET", fill(MACHINE, name=name))
 
     @route("GET", MACHINE_DIAGRAM)
     async def diagram(self, name: str, *, format: Format = "mermaid") -> str:
-        """The machine drawn as Mermaid text (or SVG)."""
+        """The machine drawn as Mermaid text (or SVG).
+
+        >>> print(await ops.machines.diagram("agent"))
+        stateDiagram-v2 ...
+        """
         return await self._c._text(fill(MACHINE_DIAGRAM, name=name), params(format=format))
 
 

@@ -554,7 +554,11 @@ class Runs:
         at: str | None = None,
         view: Literal["lifecycle", "tasks"] = "lifecycle",
     ) -> str:
-        """The run on the workflow machine, or (``view="tasks"``) its task graph: Mermaid or SVG text."""
+        """The run on the workflow machine, or (``view="tasks"``) its task graph: Mermaid or SVG text.
+
+        >>> print(ops.runs.diagram("6f1c...", view="tasks"))
+        flowchart LR ...
+        """
         query = params(format=format, last=last, at=at, view=view)
         return self._c._text(fill(RUN_DIAGRAM, session_id=session_id), query)
 
@@ -568,7 +572,11 @@ class Runs:
         last: int | None = None,
         at: str | None = None,
     ) -> str:
-        """One task of a run on the task machine: Mermaid or SVG text."""
+        """One task of a run on the task machine: Mermaid or SVG text.
+
+        >>> print(ops.runs.task_diagram("6f1c...", "summarise"))
+        stateDiagram-v2 ...
+        """
         query = params(format=format, last=last, at=at)
         return self._c._text(fill(TASK_DIAGRAM, session_id=session_id, task_id=task_id), query)
 
@@ -607,7 +615,11 @@ class Definitions:
 
     @route("GET", DEFINITION)
     def get(self, definition_id: str, version: str | None = None) -> WorkflowDefinition:
-        """One definition (the version stored last, unless ``version``)."""
+        """One definition (the version stored last, unless ``version``).
+
+        >>> (ops.definitions.get("summarise-and-review")).tasks[0].taskId
+        'summarise'
+        """
         path = fill(DEFINITION, definition_id=definition_id)
         return self._c._model(WorkflowDefinition, "GET", path, query=params(version=version))
 
@@ -682,12 +694,20 @@ class Machines:
 
     @route("GET", MACHINE)
     def get(self, name: str) -> MachineView:
-        """One declaration: states, terminal states and one transition per (trigger, source)."""
+        """One declaration: states, terminal states and one transition per (trigger, source).
+
+        >>> (ops.machines.get("agent")).initial
+        'registered'
+        """
         return self._c._model(MachineView, "GET", fill(MACHINE, name=name))
 
     @route("GET", MACHINE_DIAGRAM)
     def diagram(self, name: str, *, format: Format = "mermaid") -> str:
-        """The machine drawn as Mermaid text (or SVG)."""
+        """The machine drawn as Mermaid text (or SVG).
+
+        >>> print(ops.machines.diagram("agent"))
+        stateDiagram-v2 ...
+        """
         return self._c._text(fill(MACHINE_DIAGRAM, name=name), params(format=format))
 
 
