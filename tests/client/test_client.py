@@ -233,9 +233,9 @@ def test_reads_never_retry_and_retries_end(live: Live) -> None:
             client.agents.get("anyone")
         assert len(flaky.seen) == 1
     flaky = Flaky(10, "503")
-    with live.client(transport=flaky, retry=Retry(attempts=2, backoff=0.01)) as client:
-        with pytest.raises(errors.Unavailable):
-            client.agents.report("t-never", "idle")
+    quick = Retry(attempts=2, backoff=0.01)
+    with live.client(transport=flaky, retry=quick) as client, pytest.raises(errors.Unavailable):
+        client.agents.report("t-never", "idle")
     assert len(flaky.seen) == 3
 
 
