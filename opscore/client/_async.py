@@ -826,6 +826,7 @@ class AsyncAuditStream:
                 except RETRYABLE_ERRORS:
                     pass  # dropped: resumed below from the last position
                 await self.aclose()
+                self._decoder.reset()
                 wait = self._decoder.retry_ms
                 await asyncio.sleep(0.1 if wait is None else wait / 1000)
         finally:

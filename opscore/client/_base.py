@@ -251,18 +251,21 @@ class EventDecoder:
     """Server-sent events from lines, as the HTML standard parses them.
 
     ``feed`` takes one line (without its end) and returns the event a blank line completes.
-    ``last_id`` follows every ``id:`` field, even one of an event without data, so a stream
-    resumes where the server says it is, not only after the last record.
+    ``last_id`` is the position of the last *complete* event, even one without data (the
+    server may say where "now" is before any record): an ``id:`` line whose event the
+    connection cut before its blank line does not count, so resuming never skips it.
     """
 
     def __init__(self, last_id: str | None = None) -> None:
         self.last_id = last_id
         self.retry_ms: int | None = None
+        self._id = last_id
         self._event = ""
         self._data: list[str] = []
 
     def feed(self, line: str) -> Event | None:
         if not line:
+            self.last_id = self._id
             if not self._data:
                 self._event = ""
                 return None
@@ -278,7 +281,11 @@ class EventDecoder:
         elif name == "event":
             self._event = value
         elif name == "id" and "\x00" not in value:
-            self.last_id = value
+            self._id = value
         elif name == "retry" and value.isdigit():
             self.retry_ms = int(value)
         return None
+
+    def reset(self) -> None:
+        """Forget a half-received event (its connection broke)."""
+        self._id, self._event, self._data = self.last_id, "", []

@@ -822,6 +822,7 @@ class AuditStream:
                 except RETRYABLE_ERRORS:
                     pass  # dropped: resumed below from the last position
                 self.close()
+                self._decoder.reset()
                 wait = self._decoder.retry_ms
                 time.sleep(0.1 if wait is None else wait / 1000)
         finally:
