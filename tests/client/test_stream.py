@@ -29,7 +29,7 @@ from tests.servers import free_port
 
 def test_the_decoder_follows_the_standard() -> None:
     decoder = EventDecoder()
-    lines = [": ping", "id: 7", "event: audit", "data: {\"a\":", "data: 1}", "", "retry: 2500", "id: 9", ""]
+    lines = [": ping", "id: 7", "event: audit", 'data: {"a":', "data: 1}", "", "retry: 2500", "id: 9", ""]
     events = [e for e in (decoder.feed(line) for line in lines) if e is not None]
     assert [(e.event, e.data, e.id) for e in events] == [("audit", '{"a":\n1}', "7")]
     assert decoder.last_id == "9"  # an id without data still moves the position
@@ -83,13 +83,11 @@ class Stand:
                 yield ": ping\n\n"
                 if last is None:
                     yield f"id: p{start}\n\n"  # where "now" is, so a drop before any record loses nothing
-                sent = 0
-                for n in range(start + 1, self.total + 1):
-                    if sent == self.burst:
-                        return  # the connection ends: the client resumes
+                for n in range(start + 1, min(start + self.burst, self.total) + 1):
                     yield f"id: p{n}\nevent: audit\ndata: {json.dumps(record(n))}\n\n"
-                    sent += 1
                     await asyncio.sleep(0.001)
+                if start + self.burst < self.total:
+                    return  # the connection ends: the client resumes
                 while True:  # caught up: keep the stream open, pinging
                     await asyncio.sleep(0.05)
                     yield ": ping\n\n"
@@ -167,6 +165,6 @@ def test_a_refused_stream_raises_at_once(stand: Stand) -> None:
 def test_a_stream_to_nowhere_gives_up_after_its_retries() -> None:
     from opscore.client import ServerUnreachable
 
-    with Client(f"http://127.0.0.1:{free_port()}", "good", retry=Retry(attempts=1, backoff=0.01)) as client:
-        with pytest.raises(ServerUnreachable):
-            next(iter(client.stream_audit()))
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with Client(nowhere, "good", retry=Retry(attempts=1, backoff=0.01)) as client, pytest.raises(ServerUnreachable):
+        next(iter(client.stream_audit()))
