@@ -435,7 +435,10 @@ def moved(answer: StateReportAnswer) -> None:
 @json_option
 @pass_state
 def agents_list(state: State, state_name: str | None, capability: str | None, as_json: bool) -> None:
-    """Every agent (every page), ordered by id; --json prints {"items": [...]}."""
+    """Every agent (every page), ordered by id.
+
+    --json prints {"items": [agent, ...]}, every page walked.
+    """
     with state.client() as client:
         items = list(client.agents.list(state=state_name, capability=capability, limit=1000))
     if as_json:
@@ -501,7 +504,11 @@ def agents_report(
     if_match: int | None,
     as_json: bool,
 ) -> None:
-    """Report an agent's state, as AgentKit's SDK does (an unknown agent is registered on the spot)."""
+    """Report an agent's state, as AgentKit's SDK does.
+
+    An agent never seen before is registered on the spot. Exit 1 with the states allowed now
+    when the move is illegal.
+    """
     body = json_object(details, "--details")
     with state.client() as client:
         answer = client.agents.report(agent_id, state_name, body, timestamp=timestamp, if_match=if_match)
@@ -818,7 +825,11 @@ def definitions_show(state: State, definition_id: str, version: str | None, as_j
 
 @cli.group("audit")
 def audit_group() -> None:
-    """The audit log: list, tail [-f] (client); export, verify (database, file or --server)."""
+    """The audit log: list, tail [-f], export, verify.
+
+    list and tail ask the server; export and verify read the database (OPSCORE_DATABASE_URL,
+    read-only), a file, or with --server the server.
+    """
 
 
 AUDIT_COLUMNS = [
@@ -884,7 +895,10 @@ def audit_list(
     limit: int | None,
     as_json: bool,
 ) -> None:
-    """Audit records (every page), oldest first; --json prints {"items": [...]}."""
+    """Audit records (every page), oldest first.
+
+    --json prints {"items": [record, ...]}.
+    """
     if agent is not None and run is not None:
         raise click.UsageError("give at most one of --agent and --run")
     order: Order = "desc" if newest_first else "asc"
@@ -916,7 +930,10 @@ def audit_list(
 def audit_tail(
     state: State, count: int, follow: bool, agent: str | None, entity_type: str | None, outcome: Any, as_json: bool
 ) -> None:
-    """The last records, one a line (--json: one JSON record a line); -f follows the live stream."""
+    """The last records, one a line; -f follows the live stream.
+
+    --json prints one JSON record a line (JSON Lines). Ctrl+C ends -f.
+    """
     show = term.emit_json_line if as_json else (lambda r: click.echo(audit_line(r)))
     if agent is not None:
         entity_type = "agent"
@@ -1196,7 +1213,11 @@ def diagram(
     last: int,
     at: str | None,
 ) -> int:
-    """Draw machines (Mermaid or SVG), or an agent's or a run's position and path (client)."""
+    """Draw a machine, an agent or a run (Mermaid or SVG).
+
+    Machines are drawn from their declarations; an agent or a run (its position and recent
+    path, or with --view tasks its task graph) is asked of the server.
+    """
     from opscore import diagrams
     from opscore.errors import OpsCoreError
     from opscore.machines import MACHINES
