@@ -1269,7 +1269,7 @@ def diagram(
 
 @cli.group()
 def keys() -> None:
-    """Keys for OPSCORE_KEYS_FILE (DESIGN §9)."""
+    """Keys for OPSCORE_KEYS_FILE: a new secret and the entry to add."""
 
 
 @keys.command("create")
