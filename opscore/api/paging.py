@@ -16,7 +16,7 @@ from fastapi import Depends, Query
 from fastapi.responses import Response
 
 from opscore.api.deps import decode_cursor, encode_cursor, parse_moment
-from opscore.errors import Invalid
+from opscore.errors import InvalidCursor
 from opscore.models import AuditQuery
 from opscore.storage.base import Store
 
@@ -59,7 +59,7 @@ def audit_position(cursor: str | None, order: str) -> int | None:
     after = decode_cursor(cursor, order)
     # bool is an int, and an int past 2**63 makes sqlite3/psycopg raise OverflowError (a 500)
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor()
     return after
 
 

@@ -120,8 +120,12 @@ class ServerUnreachable(errors.Unavailable):
     code = "unreachable"
 
 
-class UnexpectedResponse(errors.OpsCoreError):
-    """An answer that is not Ops-Core's (a proxy's HTML page, a truncated body)."""
+class UnexpectedResponse(errors.StorageError):
+    """An answer that is not Ops-Core's (a proxy's HTML page, a truncated body).
+
+    In the 500 family of the error tree (something broke that no input explains), so it has
+    a row in the server's status table like every class of the tree.
+    """
 
     code = "unexpected_response"
 
@@ -161,7 +165,8 @@ def error_from(response: httpx.Response) -> errors.OpsCoreError:
         if type(err) is errors.OpsCoreError:
             fallback = FALLBACK.get(status, errors.StorageError if status >= 500 else errors.OpsCoreError)
             rebuilt = fallback.__new__(fallback)
-            errors.OpsCoreError.__init__(rebuilt, err.detail, code=err.code, **err.extra)
+            errors.OpsCoreError.__init__(rebuilt, err.detail, **err.extra)
+            rebuilt.code = err.code  # type: ignore[misc]  # the server's code, kept as it came
             err = rebuilt
     request_id = response.headers.get("x-request-id")
     if request_id:

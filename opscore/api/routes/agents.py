@@ -36,7 +36,7 @@ from opscore.api.schemas import (
     TriggerRequest,
 )
 from opscore.engine import Context, Engine
-from opscore.errors import Invalid
+from opscore.errors import AgentIdMismatch, InvalidCursor
 from opscore.idempotency import Replay
 from opscore.models import Entity, EntityQuery, TransitionResult
 
@@ -114,7 +114,7 @@ async def list_agents(
     """Agents ordered by id, one page at a time."""
     after = decode_cursor(cursor)
     if after is not None and (not isinstance(after, str) or "\x00" in after):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor()
     entities = await store.list_entities(
         EntityQuery("agent", state=state, capability=capability, after_id=after, limit=limit + 1)
     )
@@ -152,7 +152,7 @@ async def report_state(
     unknown state; refusals are written to the audit log too.
     """
     if body.agentId is not None and body.agentId != agent_id:
-        raise Invalid(f"body agentId {body.agentId!r} does not match the path's {agent_id!r}", code="agent_id_mismatch")
+        raise AgentIdMismatch(f"body agentId {body.agentId!r} does not match the path's {agent_id!r}")
     engine: Engine = request.app.state.engine
     seed = Entity("agent", agent_id, engine.fsm("agent").initial)
     result = await engine.report(

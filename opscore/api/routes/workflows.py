@@ -29,7 +29,7 @@ from opscore.api.schemas import (
     WorkflowDefinition,
 )
 from opscore.engine import Context
-from opscore.errors import Invalid, UnacceptableInput, UnknownEntity
+from opscore.errors import Invalid, InvalidCursor, UnacceptableInput, UnknownEntity
 from opscore.inputs import check_id
 from opscore.models import Entity, EntityQuery
 from opscore.storage.base import Store
@@ -155,7 +155,7 @@ async def list_definitions(
     which is stable: a stored definition is never replaced or removed), one query per page."""
     after = decode_cursor(cursor)
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor()
     page = await store.definitions_page(after, limit + 1)
     more = len(page) > limit
     page = page[:limit]
@@ -202,7 +202,7 @@ async def start_workflow(
     """
     runs = get_runs(request)
     if (body.workflowDefinitionId is None) == (body.workflowDefinition is None):
-        raise Invalid("give exactly one of workflowDefinitionId and workflowDefinition", code="validation_error")
+        raise Invalid("give exactly one of workflowDefinitionId and workflowDefinition")
     await runs.trigger_agent(agent_id)
     if body.workflowDefinition is not None:
         definition, _ = await runs.publish(body.workflowDefinition)
@@ -267,7 +267,7 @@ async def list_runs(
     if position is not None and not (
         isinstance(position, list) and len(position) == 2 and all(isinstance(p, str) for p in position)
     ):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor()
     labels = tuple((k, v) for k, v in (("workflowId", workflowId), ("agentId", agentId)) if v is not None)
     page = await store.list_entities(
         EntityQuery(
