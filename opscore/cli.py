@@ -23,13 +23,12 @@ not be reached or was unavailable. Never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -49,6 +48,7 @@ if TYPE_CHECKING:
     from opscore.wire import AgentView, AuditRecord, RunView, StateReportAnswer, WorkflowDefinition
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 Order = Literal["asc", "desc"]
 
 EXIT_REFUSED = 1
@@ -973,6 +973,13 @@ def sqlite_missing(conf: Settings) -> str | None:
     return None if path == ":memory:" or Path(path).exists() else path
 
 
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, imported when a command needs the database (not for ``--help``)."""
+    import asyncio
+
+    return asyncio.run(coro)
+
+
 def redact(url: str) -> str:
     """A database URL without its password (error messages never show a secret)."""
     from urllib.parse import urlsplit, urlunsplit
@@ -1092,7 +1099,7 @@ def audit_export(state: State, out: str, server: bool, as_json: bool) -> None:
     """
     try:
         with output(out) as fh:
-            count = export_server(state, fh) if server else asyncio.run(_export_db(state.settings, fh))
+            count = export_server(state, fh) if server else run_async(_export_db(state.settings, fh))
     except OSError as exc:
         raise Failure(f"cannot write {out}: {exc.strerror or exc}", EXIT_USAGE) from exc
     summary = {"exported": count, "file": out}
@@ -1159,7 +1166,7 @@ def audit_verify(state: State, file: str | None, server: bool, as_json: bool) ->
         with state.client() as client:
             verdict = client.audit.verify().model_dump(mode="json")
     else:
-        verdict = asyncio.run(_verify_db(state.settings)).to_dict()
+        verdict = run_async(_verify_db(state.settings)).to_dict()
     show_verdict(verdict, as_json)
     if not verdict["ok"]:
         raise click.exceptions.Exit(EXIT_REFUSED)

@@ -295,7 +295,7 @@ def test_the_process_exit_statuses_and_streams(live: Live, tmp_path: Path) -> No
 
 def test_help_starts_fast(tmp_path: Path) -> None:
     """``opscore --help`` imports neither the client nor the settings: well under 0.5 s."""
-    best = min(_timed(tmp_path) for _ in range(3))
+    best = min(_timed(tmp_path) for _ in range(5))
     assert best < 0.5, f"opscore --help took {best:.2f} s"
 
 
