@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -19,7 +17,6 @@ from opscore.engine import Context, Engine
 from opscore.errors import (
     Forbidden,
     Invalid,
-    InvalidCursor,
     InvalidIdempotencyKey,
     InvalidIfMatch,
     InvalidTime,
@@ -234,26 +231,6 @@ def document_transition_headers(router: APIRouter) -> None:
 
 
 ContextDep = Annotated[Context, Depends(context)]
-
-
-def encode_cursor(position: Any, order: str = "asc") -> str:
-    raw = json.dumps({"p": position, "o": order}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None, order: str = "asc") -> Any:
-    """The position inside an opaque cursor; 422 when it is not one of ours or of another order."""
-    if cursor is None:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        data = json.loads(raw)
-        position, cursor_order = data["p"], data["o"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidCursor() from exc
-    if cursor_order != order:
-        raise InvalidCursor(f"this cursor pages in {cursor_order} order, not {order}")
-    return position
 
 
 def parse_moment(value: str | None, name: str = "at") -> str | None:

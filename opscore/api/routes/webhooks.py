@@ -14,8 +14,8 @@ from opscore.api.deps import EngineDep, SettingsDep, StoreDep
 from opscore.api.errors import validation_body
 from opscore.api.openapi import errors, raw_body
 from opscore.api.responses import JsonAnswer
-from opscore.api.routes.agents import agent_metadata, agent_view
 from opscore.api.schemas import WEBHOOK_EXAMPLE, WebhookDeregistered, WebhookEvent, WebhookRegistered
+from opscore.api.views import agent_metadata, agent_view
 from opscore.engine import Context
 from opscore.errors import Invalid, Replayed, by_code
 
