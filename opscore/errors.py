@@ -134,6 +134,11 @@ class UnknownDefinition(NotFound):
 class UnknownMachine(NotFound):
     code = "unknown_machine"
 
+    @property
+    def valid(self) -> list[str]:
+        """The machines there are."""
+        return list(self.extra.get("valid") or [])
+
 
 class NotYetCreated(NotFound):
     code = "not_yet_created"
@@ -145,17 +150,37 @@ class NotYetCreated(NotFound):
 class Invalid(OpsCoreError):
     code = "validation_error"
 
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """``validation_error``: one ``{"loc", "msg", "type"}`` per problem (empty for other codes)."""
+        return list(self.extra.get("errors") or [])
+
 
 class UnknownState(Invalid):
     code = "unknown_state"
+
+    @property
+    def valid(self) -> list[str]:
+        """The states of the machine."""
+        return list(self.extra.get("valid") or [])
 
 
 class UnknownTrigger(Invalid):
     code = "unknown_trigger"
 
+    @property
+    def valid(self) -> list[str]:
+        """The triggers of the machine."""
+        return list(self.extra.get("valid") or [])
+
 
 class InvalidDefinition(Invalid):
     code = "invalid_definition"
+
+    @property
+    def problems(self) -> list[Any]:
+        """Every problem of the definition at once."""
+        return list(self.extra.get("problems") or [])
 
 
 class IdempotencyKeyReused(Invalid):
@@ -249,6 +274,24 @@ class _FromTo(Refused):
     def __init__(self, detail: str, *, source: str, to: str | None, **extra: Any) -> None:
         super().__init__(detail, **{"from": source, "to": to}, **extra)
 
+    # Read from ``extra`` (the body's fields), so an error rebuilt by :func:`from_dict` has them too.
+    @property
+    def source(self) -> str | None:
+        """The state the entity was in (``from`` in the body)."""
+        value = self.extra.get("from")
+        return value if isinstance(value, str) else None
+
+    @property
+    def to(self) -> str | None:
+        """The state asked for (``None`` when a trigger was asked for by name)."""
+        value = self.extra.get("to")
+        return value if isinstance(value, str) else None
+
+    @property
+    def allowed(self) -> list[str]:
+        """The states reachable from :attr:`source` now."""
+        return list(self.extra.get("allowed") or [])
+
 
 class IllegalTransition(_FromTo):
     code = "illegal_transition"
@@ -288,6 +331,12 @@ class DefinitionExists(Conflict):
 
 class PreconditionFailed(OpsCoreError):
     code = "revision_mismatch"
+
+    @property
+    def revision(self) -> int | None:
+        """The entity's current revision (its ``ETag``), when known."""
+        value = self.extra.get("revision")
+        return value if isinstance(value, int) else None
 
 
 class Unauthorized(OpsCoreError):
