@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from opscore.config import Settings
-from opscore.errors import Forbidden, Unauthorized
+from opscore.errors import CsrfFailed, Unauthorized
 from opscore.keys import ApiKey, Scope
 
 COOKIE = "opscore_session"
@@ -157,10 +157,7 @@ def authenticate(request: Request) -> ApiKey:
         sessions: Sessions = request.app.state.sessions
         if not sessions.check_csrf(session, request.headers.get(CSRF_HEADER)):
             request.scope["opscore.denied"] = "csrf"
-            raise Forbidden(
-                "a request signed in by the console's cookie must carry its page's X-CSRF-Token header",
-                code="csrf_failed",
-            )
+            raise CsrfFailed
     return session.key
 
 

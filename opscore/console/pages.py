@@ -24,9 +24,9 @@ from fastapi.staticfiles import StaticFiles
 
 from opscore import history
 from opscore.api import sessions
-from opscore.api.deps import decode_cursor, encode_cursor, parse_moment
-from opscore.api.routes.agents import agent_view
-from opscore.api.routes.workflows import run_summary, run_view
+from opscore.api.deps import parse_moment
+from opscore.api.paging import decode_cursor, encode_cursor
+from opscore.api.views import agent_view, run_summary, run_view
 from opscore.engine import Engine
 from opscore.errors import OpsCoreError
 from opscore.inputs import check_id
