@@ -254,3 +254,43 @@ def test_a_dropped_connection_frees_its_slot(tmp_path: Path) -> None:
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_the_python_client_follows_the_real_stream_across_its_ends(tmp_path: Path) -> None:
+    """``opscore.client`` against this server: streams ended by age are resumed, nothing lost or repeated."""
+    from opscore.client import Client
+
+    server = Server(
+        database_url=f"sqlite:///{tmp_path / 'client.db'}",
+        log_path=tmp_path / "server.log",
+        env={"OPSCORE_STREAM_MAX_SECONDS": "1"},
+    ).start()
+    try:
+        done = threading.Event()
+
+        def write() -> None:
+            with server.client() as client:
+                for i in range(24):
+                    state = ("idle", "active")[i % 2]
+                    client.post(
+                        f"{V1}/agent/c-{i % 3}/state", json={"timestamp": datetime.now(UTC).isoformat(), "state": state}
+                    )
+                    time.sleep(0.2)
+            done.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        with Client(server.url, server.api_key) as ops:
+            for record in ops.stream_audit(after=0):  # a record arrives at least every 0.2 s until the end
+                seen.append(int(record.id))
+                if done.is_set() and len(seen) >= len(all_positions(server)):
+                    break
+                assert time.monotonic() < deadline, f"{len(seen)} records after 60 s"
+        writer.join()
+        assert seen == all_positions(server)
+        assert '"reason":"max_age"' in (tmp_path / "server.log").read_text()  # it was ended, and resumed
+    finally:
+        server.stop()
