@@ -110,6 +110,7 @@ def render(request: Request, template: str, status: int = 200, **context: Any) -
     csrf = ""
     if session is not None:
         csrf = request.app.state.sessions.csrf_token(session)
+    context.setdefault("nav", None)
     html = ENV.get_template(template).render(
         key_name=None if session is None else session.key.name,
         operate=session is not None and sessions.may_operate(session.key),

@@ -429,6 +429,9 @@ def test_a_wheel_carries_the_assets(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for line in (openapi.ASSETS_DIR / "SHA256SUMS").read_text().splitlines():
         assert f"opscore/static/docs/{line.split()[1]}" in names
+    # the operator console's templates and assets too
+    for path in [*(ROOT / "opscore/console/templates").glob("*.html"), *(ROOT / "opscore/static/console").iterdir()]:
+        assert str(path.relative_to(ROOT)) in names, path
 
 
 # -- the definition model says what definitions.py accepts ----------------------------------------
