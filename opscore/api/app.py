@@ -21,7 +21,7 @@ from opscore import __version__
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
-from opscore.api.routes import agents, audit, batch, diagrams, health, machines, webhooks, workflows
+from opscore.api.routes import agents, audit, batch, checkpoints, diagrams, health, machines, webhooks, workflows
 from opscore.config import InvalidApiKeys, Settings
 from opscore.engine import Engine
 from opscore.errors import StorageError
@@ -251,12 +251,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # FastAPI's pages load their scripts from a CDN: openapi.install serves ours
         redoc_url=None,
     )
-    startup_hooks: list[Any] = [start_workflows]
-    shutdown_hooks: list[Any] = [stop_workflows]
+    startup_hooks: list[Any] = [start_workflows, checkpoints.start]
+    shutdown_hooks: list[Any] = [checkpoints.stop, stop_workflows]  # run in reverse: checkpoints sign last
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (health, agents, batch, audit, machines, diagrams, webhooks, workflows):
+    for module in (health, agents, batch, audit, checkpoints, machines, diagrams, webhooks, workflows):
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)
