@@ -16,7 +16,7 @@ from opscore import diagrams
 from opscore.api import create_app
 from opscore.config import Settings
 from opscore.engine import Context
-from opscore.workflows.runs import TASK, WORKFLOW
+from opscore.workflows.state import TASK, WORKFLOW
 from tests.test_diagrams import SVG_NS, needs_dot
 
 KEY = "listing-key"

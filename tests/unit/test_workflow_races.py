@@ -13,12 +13,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from opscore.clock import after as seconds_from_now
 from opscore.engine import Context, Engine, Replay
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, Timer
 from opscore.storage.memory import MemoryStore
-from opscore.workflows import runs as runs_module
+from opscore.workflows import claims as claims_module
+from opscore.workflows.claims import Hold
 from opscore.workflows.dispatch import AgentKitClient, DispatchResult
-from opscore.workflows.runs import FREE, HELD_, PENDING, Runs, seconds_from_now, task_entity_id
+from opscore.workflows.runs import Runs
+from opscore.workflows.state import AgentClaim, task_entity_id
+
+FREE, HELD_, PENDING = Hold.FREE, Hold.HELD, Hold.PENDING
 
 CTX = Context(actor="key:test")
 DEFINITION = {"id": "race", "version": "1", "tasks": [{"taskId": "t", "agentCapability": "cap", "maxRetries": 1}]}
@@ -104,9 +109,10 @@ def test_two_replicas_dispatching_one_task_send_it_once() -> None:
         assert await applied(one, eid) == ["wait", "dispatch"]
         # Both got as far as claiming (the race really happened): the loser's claim is over.
         claims = {a: await one.store.get("agent", a) for a in ("a1", "a2")}
-        assert {c.data.get("opscoreClaimBy") for c in claims.values() if c is not None} == {one.instance, two.instance}
+        owners = {AgentClaim.of(c).by for c in claims.values() if c is not None and AgentClaim.of(c) is not None}
+        assert owners == {one.shared.instance, two.shared.instance}
         observer = Runs(Engine(one.store), kit, default_timeout=60)
-        status = {a: await observer._claim_status(c) for a, c in claims.items() if c is not None}
+        status = {a: await observer.claims.status(c) for a, c in claims.items() if c is not None}
         assert sorted(status.values()) == [FREE, HELD_]
         assert status[task.data["agentId"]] == HELD_
 
@@ -137,7 +143,7 @@ def test_a_report_and_a_deadline_meeting_on_two_replicas_have_one_outcome() -> N
         await one.engine.report("agent", "a1", "active", ctx=CTX)
         done = await one.engine.report("agent", "a1", "idle", ctx=CTX, details={"result": 42})
         assert not isinstance(done, Replay) and done.record is not None
-        await asyncio.gather(one.on_timer(deadline), two._on_agent(done.record))
+        await asyncio.gather(one.on_timer(deadline), two.reactions.on_agent(done.record))
         events = await applied(one, eid)
         assert events[:2] == ["wait", "dispatch"]
         assert events[2:] in (["succeed"], ["fail_attempt"]), events  # one outcome, never both
@@ -158,28 +164,28 @@ def test_what_a_claim_means() -> None:
             await one.engine.update(
                 "agent",
                 agent_id,
-                {"opscoreTask": eid, "opscoreAttempt": 1, "opscoreClaimBy": by, "opscoreClaimedAt": at},
+                AgentClaim(eid, 1, f"token-{at}", by, at, 0).to_data(last_dispatch_at=at),
                 ctx=CTX,
             )
             return await one.engine.get("agent", agent_id)
 
-        fresh = await claimed(two.instance, seconds_from_now(0))
-        assert await one._claim_status(fresh, "other-task") == PENDING  # another replica is dispatching
-        assert await one._claim_status(fresh, eid) == PENDING  # even for its own task, for a while
-        assert await two._claim_status(fresh, "other-task") == FREE  # its own claim: that dispatch is over
-        old = await claimed(two.instance, seconds_from_now(-2 * runs_module.CLAIM_GRACE_SECONDS))
-        assert await one._claim_status(old, eid) == FREE  # its claimer is presumed dead: the task may take it
-        assert await one._claim_status(old, "other-task") == PENDING  # but no other task may
+        fresh = await claimed(two.shared.instance, seconds_from_now(0))
+        assert await one.claims.status(fresh, "other-task") == PENDING  # another replica is dispatching
+        assert await one.claims.status(fresh, eid) == PENDING  # even for its own task, for a while
+        assert await two.claims.status(fresh, "other-task") == FREE  # its own claim: that dispatch is over
+        old = await claimed(two.shared.instance, seconds_from_now(-2 * claims_module.CLAIM_GRACE_SECONDS))
+        assert await one.claims.status(old, eid) == FREE  # its claimer is presumed dead: the task may take it
+        assert await one.claims.status(old, "other-task") == PENDING  # but no other task may
         await one.advance(sid)  # dispatched to a1 at attempt 1: the claim is held
         held = await one.engine.get("agent", "a1")
-        assert await two._claim_status(held) == HELD_
+        assert await two.claims.status(held) == HELD_
         await one.engine.report("agent", "a1", "active", ctx=CTX)
         await one.engine.report("agent", "a1", "idle", ctx=CTX)
-        await one._on_agent(
+        await one.reactions.on_agent(
             (await one.store.list_audit(AuditQuery(entity_id="a1", descending=True, limit=1)))[0]
         )  # as the listener would
         assert (await one.engine.get("task", eid)).state == "succeeded"
-        assert await two._claim_status(await one.engine.get("agent", "a1")) == FREE  # over for good
+        assert await two.claims.status(await one.engine.get("agent", "a1")) == FREE  # over for good
 
     play(scenario)
 
@@ -193,7 +199,7 @@ def test_a_report_older_than_the_claim_never_touches_the_task() -> None:
         old = await one.engine.report("agent", "a1", "idle", ctx=CTX)  # about some earlier work
         assert not isinstance(old, Replay) and old.record is not None
         await one.advance(sid)  # claims a1 after that report
-        await two._on_agent(old.record)  # processed late, on another replica
+        await two.reactions.on_agent(old.record)  # processed late, on another replica
         assert (await one.engine.get("task", task_entity_id(sid, "t"))).state == "dispatched"
 
     play(scenario)
@@ -223,10 +229,10 @@ def test_the_listener_spawns_work_only_for_agents_that_were_ever_claimed() -> No
         runs = Runs(Engine(MemoryStore()), RecordingAgentKit(), default_timeout=60)
         record = {"entityType": "agent", "entityId": "a", "outcome": "applied", "source": "idle", "dest": "active"}
         runs.listener(record, Entity("agent", "a", "active"))
-        assert not runs._background
-        claimed = Entity("agent", "a", "active", data={"opscoreTask": "s:t", "opscoreAttempt": 1})
+        assert not runs.shared.background
+        claimed = Entity("agent", "a", "active", data=AgentClaim("s:t", 1, "tok", "p", "", 0).to_data(""))
         runs.listener(record, claimed)
-        assert len(runs._background) == 1
+        assert len(runs.shared.background) == 1
         await runs.drain()
 
     asyncio.run(scenario())

@@ -20,7 +20,8 @@ from opscore.api.schemas import AgentIdPath, SessionIdPath, TaskIdPath
 from opscore.engine import Engine
 from opscore.errors import Invalid, UnknownMachine
 from opscore.machines import MACHINES
-from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
+from opscore.workflows.runs import Runs
+from opscore.workflows.state import TASK, WORKFLOW, task_entity_id
 
 router = APIRouter(prefix="/v1/opscore", tags=["diagrams"])
 

@@ -34,7 +34,8 @@ from opscore.inputs import check_id
 from opscore.models import Entity, EntityQuery
 from opscore.storage.base import Store
 from opscore.workflows.definitions import parse
-from opscore.workflows.runs import TASK, WORKFLOW, Runs, task_entity_id
+from opscore.workflows.runs import Runs
+from opscore.workflows.state import TASK, WORKFLOW, task_entity_id
 
 router = APIRouter(prefix="/v1/opscore", tags=["workflows"])
 
