@@ -6,8 +6,9 @@ built once per command: the CLI, the server and the simulator read the same conf
 opscore serve [--host H] [--port P] [--generate-key]
 opscore diagram (--machine NAME | --all) [--format mermaid|svg] [--out DIR]
 opscore diagram --agent ID [--last N] [--at ISO] [--format ...] [--out DIR]   (client)
-opscore audit verify [--file FILE.jsonl]
+opscore audit verify [--file FILE.jsonl] [--checkpoints FILE --public-key PEM ...]
 opscore audit export --out FILE.jsonl
+opscore keys signing-key --out FILE
 opscore agents [--state S]            (client: OPSCORE_API_URL, OPSCORE_API_KEY)
 opscore agent ID
 opscore report ID STATE
@@ -132,7 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logs.shutdown()
 
 
-async def _verify_db() -> audit.Verification:
+async def _verify_db(signed: Any = None) -> audit.Verification:
+    from opscore import checkpoints
     from opscore.storage import open_store
 
     conf = settings()
@@ -145,27 +147,40 @@ async def _verify_db() -> audit.Verification:
     )
     await store.open()
     try:
-        return await store.verify()
+        return await checkpoints.verify_database(store, signed)
     finally:
         await store.close()
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """The database, or an export (``--file``); with ``--checkpoints`` and ``--public-key``, against signed heads."""
+    from opscore import checkpoints
+
+    signed = None
+    if args.checkpoints or args.public_key:
+        if not (args.checkpoints and args.public_key):
+            print("opscore audit verify: --checkpoints FILE needs --public-key PEM (and the reverse)", file=sys.stderr)
+            return 2
+        try:
+            signed = checkpoints.read_checkpoint_file(args.checkpoints, args.public_key)
+        except (OSError, ValueError) as exc:  # unreadable file or key (InvalidSigningKey is a ValueError)
+            print(f"opscore audit verify: {exc}", file=sys.stderr)
+            return 2
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as fh:
-                result = audit.verify(audit.read_jsonl(fh))
-        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or not JSON Lines
+                result = checkpoints.verify_export(fh, signed)
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8
             print(f"opscore audit verify: {args.file}: {exc}", file=sys.stderr)
             return 1
     else:
-        result = asyncio.run(_verify_db())
+        result = asyncio.run(_verify_db(signed))
     print(json.dumps(result.to_dict(), indent=2))
     return 0 if result.ok else 1
 
 
 async def _export(out: Path) -> int:
-    from opscore.models import AuditQuery
+    from opscore import checkpoints
     from opscore.storage import open_store
 
     conf = settings()
@@ -177,18 +192,9 @@ async def _export(out: Path) -> int:
         pool_timeout=conf.pg_pool_timeout,
     )
     await store.open()
-    count = 0
     try:
         with out.open("w", encoding="utf-8") as fh:
-            after = 0
-            while True:
-                page = await store.list_audit(AuditQuery(after_id=after, limit=5000))
-                if not page:
-                    break
-                for record in page:
-                    fh.write(audit.canonical(record).decode("utf-8") + "\n")
-                count += len(page)
-                after = page[-1]["id"]
+            count, _ = await checkpoints.export_database(store, fh.write)
     finally:
         await store.close()
     return count
@@ -197,6 +203,23 @@ async def _export(out: Path) -> int:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     count = asyncio.run(_export(Path(args.out)))
     print(json.dumps({"exported": count, "file": args.out}))
+    return 0
+
+
+def cmd_keys_signing_key(args: argparse.Namespace) -> int:
+    from opscore import checkpoints
+
+    try:
+        private, public, key_id = checkpoints.make_signing_key(args.out)
+    except (FileExistsError, OSError) as exc:
+        print(f"opscore keys signing-key: {exc} (never overwritten: move it away first)", file=sys.stderr)
+        return 1
+    print(json.dumps({"privateKey": str(private), "publicKey": str(public), "keyId": key_id}))
+    print(
+        f"Set OPSCORE_SIGNING_KEY={private} on every replica; keep {public} where the database's writers cannot "
+        "reach it, for `opscore audit verify --checkpoints FILE --public-key PEM`.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -410,10 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="recompute every hash chain (database, or --file)")
     verify.add_argument("--file", help="an exported JSON Lines file; needs no database")
+    verify.add_argument(
+        "--checkpoints", metavar="FILE", help="signed checkpoints (OPSCORE_CHECKPOINT_FILE) to check against"
+    )
+    verify.add_argument(
+        "--public-key",
+        metavar="PEM",
+        action="append",
+        help="public key of the checkpoints' signing key (repeat for each key used, e.g. across a rotation)",
+    )
     verify.set_defaults(func=cmd_audit_verify)
     export = audit_sub.add_parser("export", help="write every record as JSON Lines")
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_audit_export)
+
+    keys_p = sub.add_parser("keys", help="signing keys of checkpoints")
+    keys_sub = keys_p.add_subparsers(dest="keys_command", required=True)
+    signing = keys_sub.add_parser(
+        "signing-key", help="make an Ed25519 key for OPSCORE_SIGNING_KEY (public key: FILE.pub)"
+    )
+    signing.add_argument("--out", required=True, metavar="FILE")
+    signing.set_defaults(func=cmd_keys_signing_key)
 
     agents = sub.add_parser("agents", help="list agents (client)")
     agents.add_argument("--state")
