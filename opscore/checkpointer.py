@@ -120,7 +120,7 @@ class Checkpointer:
                     await self._task
             self._task = None
         try:
-            if self.leading and self._loaded and self.halted is None:
+            if self.halted is None:
                 await asyncio.wait_for(self._drain(), timeout=10)
         except Exception:
             log.exception("checkpoint at shutdown failed")
