@@ -194,7 +194,7 @@ def test_signed_lines_fold_into_the_newest_head_of_each_entity(signer: Signer) -
     [
         pytest.param(
             lambda t: [t[0], t[1].replace('"records":20', '"records":21'), t[2]], "line 2", "signature", id="edited"
-        ),  # fmt: skip
+        ),
         pytest.param(lambda t: [t[0], t[2]], "line 2", "#3 where #2 was due", id="removed"),
         pytest.param(lambda t: [t[0], t[2], t[1]], "line 2", "#3 where #2 was due", id="reordered"),
         pytest.param(lambda t: t[1:], "line 1", "#2 where #1 was due", id="beginning-lost"),
@@ -236,15 +236,10 @@ def test_keys_files(tmp_path: Path) -> None:
         make_signing_key(tmp_path / "k.pem")
     with pytest.raises(checkpoints.InvalidSigningKey, match="cannot be read"):
         checkpoints.load_signer(tmp_path / "missing.pem")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk", encoding="utf-8")
     with pytest.raises(checkpoints.InvalidSigningKey, match="not a PEM public key"):
-        checkpoints.load_public_keys([tmp_path / "k.pem.pub"]) if False else checkpoints.load_public_keys(
-            [_write(tmp_path / "junk.pem", "junk")]
-        )
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
+        checkpoints.load_public_keys([junk])
 
 
 # -- the file -------------------------------------------------------------------------------
