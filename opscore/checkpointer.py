@@ -35,7 +35,6 @@ from typing import Any
 
 from opscore import audit
 from opscore.checkpoints import (
-    GENESIS,
     CheckpointFile,
     Checkpoints,
     Signer,
@@ -44,6 +43,7 @@ from opscore.checkpoints import (
     make_line,
     read_checkpoints,
     signature_problem,
+    text_hash,
 )
 from opscore.models import AuditQuery
 from opscore.storage.base import Store
@@ -178,8 +178,8 @@ class Checkpointer:
             self._take(position, text)
         caught_up = len(rows) < limit
         if self._count:
-            if first:  # every head at once: after catching up with the stream (bounded, on a busy one)
-                due = caught_up or final or self._count >= 50 * self.records
+            if first:  # every head at once, after catching up with the stream
+                due = caught_up or final
             else:
                 due = final or self._count >= self.records or self.clock() - self._last_at >= self.seconds
             if due:
@@ -223,7 +223,7 @@ class Checkpointer:
         full = n == 1
         heads = self._heads if full else self._pending
         total = self._total + self._count
-        prev = line_hash(self.file.last) if self.file.last is not None else GENESIS
+        prev = self.file.last_hash
         at = datetime.now(UTC).isoformat(timespec="microseconds")
         started = time.perf_counter()
         line, text = await asyncio.to_thread(
@@ -270,8 +270,8 @@ class Checkpointer:
                 why = None
                 if n != len(self.file) + 1 or line.get("n") != n:
                     why = f"the relay's line {n} does not follow this file's line {len(self.file)}"
-                elif line.get("prev") != (line_hash(self.file.last) if self.file.last is not None else GENESIS):
-                    why = f"the relay's line {n} does not extend this file's last line: the streams forked"
+                elif line.get("prev") != self.file.last_hash or text_hash(text) != line_hash(line):
+                    why = f"the relay's line {n} does not extend this file's last line (or is not canonical JSON)"
                 elif line.get("keyId") == self.signer.key_id:
                     why = signature_problem(line, {self.signer.key_id: self.signer.private.public_key()})
                 elif line.get("keyId") not in self._foreign_keys:

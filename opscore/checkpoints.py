@@ -167,6 +167,15 @@ def line_hash(line: Mapping[str, Any]) -> str:
     return hashlib.sha256(audit.canonical(dict(line))).hexdigest()
 
 
+def text_hash(text: str) -> str:
+    """:func:`line_hash` of a line from its text, when the text is canonical (every line Ops-Core writes).
+
+    Hashing the text spares re-encoding a large line (the first one holds every head: ~16 MB
+    and 0.3 s for 100,000 agents) each time the next line is made.
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def grouped(heads: Heads) -> dict[str, dict[str, list[Any]]]:
     """``heads`` as a line holds them: ``{entityType: {entityId: [seq, hash]}}``."""
     out: dict[str, dict[str, list[Any]]] = {}
@@ -357,12 +366,15 @@ class CheckpointFile:
         self._offsets: list[int] = []
         self._size = 0
         self.last: dict[str, Any] | None = None
+        self.last_hash = GENESIS
+        """:func:`line_hash` of the last line (64 zeros when empty): what the next line's ``prev`` holds."""
 
     def open(self) -> str | None:
         """Index the lines already there; what was cut off (a torn last line), if anything."""
         self._offsets = []
         self._size = 0
         self.last = None
+        self.last_hash = GENESIS
         if not self.path.exists():
             return None
         torn = None
@@ -381,7 +393,9 @@ class CheckpointFile:
                 fh.truncate(offset)
                 os.fsync(fh.fileno())
             self._size = offset
-        self.last = audit.loads(last_text.decode("utf-8")) if last_text.strip() else None
+        if last_text.strip():
+            self.last = audit.loads(last_text.decode("utf-8"))
+            self.last_hash = text_hash(last_text.decode("utf-8").rstrip("\n"))
         return torn
 
     def __len__(self) -> int:
@@ -423,6 +437,7 @@ class CheckpointFile:
             offset += len(text.encode("utf-8")) + 1
         self._size = offset
         self.last = last
+        self.last_hash = text_hash(texts[-1])
 
     def read(self, after: int, limit: int) -> list[str]:
         """Lines ``after + 1`` … ``after + limit`` (numbered from 1), without their newlines."""

@@ -85,7 +85,7 @@ class Scene:
             )
             await runner.start()  # before the records: a full first line, then lines of what moved
             await populate(store)
-            for _ in range(500):
+            for _ in range(3000):  # up to 30 s on a loaded machine
                 if runner.file.last is not None and runner.file.last["records"] == 24:
                     break
                 await asyncio.sleep(0.01)
