@@ -19,7 +19,8 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header, HTTPException
 
 from opscore.api.schemas import StateReport
-from opscore.config import match_key, parse_api_keys
+from opscore.config import parse_api_keys
+from opscore.keys import match as match_key
 
 KEYS = parse_api_keys(os.environ.get("OPSCORE_API_KEY", ""))
 
