@@ -67,7 +67,7 @@ class Checkpointer:
         records: int = 1000,
         seconds: float = 60.0,
         poll: float = 0.5,
-        page: int = 5000,
+        page: int = 1000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
