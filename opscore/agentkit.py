@@ -13,7 +13,7 @@ import hmac
 import math
 from datetime import UTC, datetime
 
-from opscore.errors import Unauthorized
+from opscore.errors import BadSignature, BadTimestamp, StaleTimestamp, WebhookDisabled
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -31,7 +31,7 @@ def parse_timestamp(value: str) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise Unauthorized("X-AgentKit-Timestamp is neither epoch seconds nor ISO-8601", code="bad_timestamp") from exc
+        raise BadTimestamp("X-AgentKit-Timestamp is neither epoch seconds nor ISO-8601") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -48,12 +48,12 @@ def check_signature(
 ) -> tuple[float, str]:
     """Raise ``Unauthorized`` unless some secret signed ``body`` recently; (time, signature)."""
     if not secrets:
-        raise Unauthorized("the webhook is disabled: OPSCORE_WEBHOOK_SECRET is not set", code="webhook_disabled")
+        raise WebhookDisabled()
     if not timestamp or not signature:
-        raise Unauthorized("X-AgentKit-Timestamp and X-AgentKit-Signature are required", code="bad_signature")
+        raise BadSignature("X-AgentKit-Timestamp and X-AgentKit-Signature are required")
     sent = parse_timestamp(timestamp)
     if not math.isfinite(sent) or abs(now - sent) > window:  # "nan" passes any comparison
-        raise Unauthorized(f"X-AgentKit-Timestamp is more than {window:g} s from now", code="stale_timestamp")
+        raise StaleTimestamp(f"X-AgentKit-Timestamp is more than {window:g} s from now")
     presented = signature.strip().lower().removeprefix("sha256=")
     # compare bytes: compare_digest raises TypeError for str holding non-ASCII characters
     presented_bytes = presented.encode("utf-8", "surrogateescape")
@@ -62,5 +62,5 @@ def check_signature(
         if hmac.compare_digest(sign(secret, timestamp, body).encode(), presented_bytes):
             matched = True
     if not matched:
-        raise Unauthorized("X-AgentKit-Signature does not match the body", code="bad_signature")
+        raise BadSignature("X-AgentKit-Signature does not match the body")
     return sent, presented

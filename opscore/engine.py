@@ -26,7 +26,6 @@ from typing import Any
 from opscore import audit, clock, decisions, loglines
 from opscore.decisions import Decision
 from opscore.errors import (
-    Conflict,
     OpsCoreError,
     PreconditionFailed,
     RevisionConflict,
@@ -349,9 +348,8 @@ class Engine:
             indices = lost
         for n in indices:
             request = requests[n]
-            results[n] = Conflict(
+            results[n] = RevisionConflict(
                 f"{request.entity_type} {request.entity_id!r} kept changing under this request; try again",
-                code="revision_conflict",
             )
 
     async def _read(self, requests: list[Request]) -> list[Entity | None]:
@@ -504,9 +502,7 @@ class Engine:
                     continue
                 self._emit(committed)
                 return committed.entity, False
-        raise Conflict(
-            f"{entity_type} {entity_id!r} kept changing under this request; try again", code="revision_conflict"
-        )
+        raise RevisionConflict(f"{entity_type} {entity_id!r} kept changing under this request; try again")
 
     async def create(self, entity_type: str, entity_id: str, data: dict[str, Any], *, ctx: Context) -> Entity:
         """Create an entity in its initial state unless it exists; an existing one is left untouched.

@@ -101,7 +101,6 @@ async def at(store: Store, entity: Entity, initial: str, moment: str, last: int)
         raise NotYetCreated(
             f"{entity.entity_type} {entity.entity_id!r} was first seen at {entity.created_at}; "
             f"it did not exist yet at {moment}",
-            code="not_yet_created",
             createdAt=entity.created_at,
             at=moment,
         )

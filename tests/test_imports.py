@@ -133,3 +133,15 @@ def test_the_engine_does_not_import_a_backend() -> None:
         and not i.target.startswith("opscore.storage.base.")
     ]
     assert not bad, offenders(bad)
+
+
+def test_no_route_imports_another_route() -> None:
+    """Shared views and paging live in opscore.api.views and opscore.api.paging, not in a route."""
+    bad = [
+        i
+        for i in ALL
+        if under(i.module, "opscore.api.routes")
+        and under(i.target, "opscore.api.routes")
+        and i.target.split(".")[:4] != i.module.split(".")[:4]
+    ]
+    assert not bad, offenders(bad)

@@ -24,7 +24,7 @@ from opscore.api.deps import document_transition_headers
 from opscore.api.routes import agents, audit, batch, checkpoints, diagrams, health, machines, webhooks, workflows
 from opscore.config import InvalidApiKeys, Settings
 from opscore.engine import Engine
-from opscore.errors import StorageError
+from opscore.errors import NoApiKey
 from opscore.logs import access_line, access_log, configure
 from opscore.storage import open_store
 from opscore.workflows.dispatch import AgentKitClient
@@ -215,10 +215,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.critical("refusing to start", extra={"detail": str(exc), "code": "invalid_api_key"})
             raise
         if not keys:
-            raise StorageError(
+            raise NoApiKey(
                 "OPSCORE_API_KEY is not set: set it (or run `opscore serve --generate-key`); "
                 "Ops-Core never falls back to a known key",
-                code="no_api_key",
             )
         log.info("api keys", extra={"keyNames": [key.name for key in keys]})
         guard.load(conf)

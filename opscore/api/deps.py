@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -16,7 +14,14 @@ from fastapi.routing import APIRoute
 from opscore.clock import normalise
 from opscore.config import Settings
 from opscore.engine import Context, Engine
-from opscore.errors import Forbidden, Invalid, Unauthorized
+from opscore.errors import (
+    Forbidden,
+    Invalid,
+    InvalidIdempotencyKey,
+    InvalidIfMatch,
+    InvalidTime,
+    Unauthorized,
+)
 from opscore.idempotency import Idempotency
 from opscore.keys import ApiKey, Scope, match
 from opscore.storage.base import Store
@@ -162,7 +167,7 @@ def parse_if_match(value: str | None) -> int | None:
     text = text.strip('"')
     if not (text.isascii() and text.isdigit() and len(text) <= MAX_REVISION_DIGITS):
         shown = value if len(value) <= 40 else value[:40] + "…"
-        raise Invalid(f'If-Match must be a revision such as "3", not {shown!r}', code="invalid_if_match")
+        raise InvalidIfMatch(f'If-Match must be a revision such as "3", not {shown!r}')
     return int(text)
 
 
@@ -198,7 +203,7 @@ async def context(request: Request, who: CallerDep) -> Context:
     idem = None
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= 255:
-            raise Invalid("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
+            raise InvalidIdempotencyKey()
         body = await request.body()
         # If-Match is part of what was asked: the same body at another revision is another request
         precondition = (if_match or "").encode("latin-1", "replace")
@@ -228,26 +233,6 @@ def document_transition_headers(router: APIRouter) -> None:
 ContextDep = Annotated[Context, Depends(context)]
 
 
-def encode_cursor(position: Any, order: str = "asc") -> str:
-    raw = json.dumps({"p": position, "o": order}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None, order: str = "asc") -> Any:
-    """The position inside an opaque cursor; 422 when it is not one of ours or of another order."""
-    if cursor is None:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        data = json.loads(raw)
-        position, cursor_order = data["p"], data["o"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor") from exc
-    if cursor_order != order:
-        raise Invalid(f"this cursor pages in {cursor_order} order, not {order}", code="invalid_cursor")
-    return position
-
-
 def parse_moment(value: str | None, name: str = "at") -> str | None:
     """An ISO-8601 query time as fixed-width UTC text; 422 ``invalid_time`` when it is not one.
 
@@ -266,4 +251,4 @@ def parse_moment(value: str | None, name: str = "at") -> str | None:
             return normalise(candidate)
         except Invalid:
             continue
-    raise Invalid(f"{name} must be an ISO-8601 time such as 2026-11-23T10:00:00Z, not {value!r}", code="invalid_time")
+    raise InvalidTime(f"{name} must be an ISO-8601 time such as 2026-11-23T10:00:00Z, not {value!r}")

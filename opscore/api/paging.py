@@ -8,15 +8,16 @@ and each served record is exactly the text that hashes to its ``hash``.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Query
 from fastapi.responses import Response
 
-from opscore.api.deps import decode_cursor, encode_cursor, parse_moment
-from opscore.errors import Invalid
+from opscore.api.deps import parse_moment
+from opscore.errors import InvalidCursor
 from opscore.models import AuditQuery
 from opscore.storage.base import Store
 
@@ -54,13 +55,51 @@ async def audit_filters(
 AuditFiltersDep = Annotated[AuditFilters, Depends(audit_filters)]
 
 
-def audit_position(cursor: str | None, order: str) -> int | None:
-    """The record id an audit cursor points after; 422 ``invalid_cursor`` for anything else."""
+def encode_cursor(position: Any, order: str = "asc") -> str:
+    raw = json.dumps({"p": position, "o": order}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, order: str = "asc") -> Any:
+    """The position inside an opaque cursor; 422 when it is not one of ours or of another order."""
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        position, cursor_order = data["p"], data["o"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidCursor() from exc
+    if cursor_order != order:
+        raise InvalidCursor(f"this cursor pages in {cursor_order} order, not {order}")
+    return position
+
+
+def text_position(cursor: str | None, order: str = "asc") -> str | None:
+    """The id a cursor of an id-ordered listing points after (agents)."""
+    after = decode_cursor(cursor, order)
+    if after is not None and (not isinstance(after, str) or "\x00" in after):
+        raise InvalidCursor()
+    return after
+
+
+def int_position(cursor: str | None, order: str = "asc") -> int | None:
+    """The number a cursor points after (record ids, definitions' publication order)."""
     after = decode_cursor(cursor, order)
     # bool is an int, and an int past 2**63 makes sqlite3/psycopg raise OverflowError (a 500)
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor()
     return after
+
+
+def pair_position(cursor: str | None, order: str = "asc") -> tuple[str, str] | None:
+    """The (createdAt, id) a cursor of a creation-ordered listing points after (runs)."""
+    after = decode_cursor(cursor, order)
+    if after is None:
+        return None
+    if not (isinstance(after, list) and len(after) == 2 and all(isinstance(p, str) for p in after)):
+        raise InvalidCursor()
+    return after[0], after[1]
 
 
 async def audit_page(
@@ -83,7 +122,7 @@ async def audit_page(
         since=parse_moment(since, "since"),
         until=parse_moment(until, "until"),
         descending=order == "desc",
-        after_id=audit_position(filters.cursor, order),
+        after_id=int_position(filters.cursor, order),
         limit=limit + 1,
     )
     rows = await store.list_audit_text(query)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opscore import audit
-from opscore.errors import Invalid, RevisionConflict, UnknownEntity
+from opscore.errors import InvalidPosition, RevisionConflict, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 
 WRITE_ERROR_WINDOW = 10.0
@@ -207,7 +207,7 @@ class Store(abc.ABC):
 
     def parse_position(self, position: str) -> int:
         if not position.isascii() or not position.isdigit() or len(position) > 19:
-            raise Invalid("not a stream position this server handed out", code="invalid_position")
+            raise InvalidPosition()
         return int(position)
 
     async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
@@ -250,7 +250,7 @@ class Store(abc.ABC):
     async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
         """Store a definition; ``True`` when new, ``False`` when the same body is already stored.
 
-        An id+version is immutable: another body under a stored id+version raises ``Conflict``.
+        An id+version is immutable: another body under a stored id+version raises ``DefinitionExists``.
         """
 
     @abc.abstractmethod

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from opscore import audit
-from opscore.errors import Conflict, IdempotencyKeyInUse
+from opscore.errors import DefinitionExists, IdempotencyKeyInUse
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import check_labels, label_value
@@ -155,11 +155,7 @@ class MemoryStore(Store):
         stored = self.definitions.get((definition_id, version))
         if stored is not None:
             if stored != body:
-                raise Conflict(
-                    f"definition {definition_id!r} version {version!r} is stored with another body; "
-                    "a stored version is immutable: publish a new version",
-                    code="definition_exists",
-                )
+                raise DefinitionExists(definition_id, version)
             return False
         self.definitions[(definition_id, version)] = body
         return True

@@ -54,13 +54,18 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from opscore import audit
 from opscore.errors import (
-    Conflict,
+    CommitOutcomeUnknown,
+    DefinitionExists,
     IdempotencyKeyInUse,
-    Invalid,
+    NoSchema,
+    NotOpsCore,
     RevisionConflict,
+    SchemaMismatch,
+    SchemaTooNew,
     StorageError,
     Unavailable,
     UnknownEntity,
+    Unstorable,
 )
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
@@ -399,19 +404,17 @@ class PostgresStore(Store):
         async with self._connection() as conn, conn.transaction():
             schema = (await (await conn.execute("SELECT current_schema()")).fetchone() or (None,))[0]
             if schema is None:
-                raise StorageError(
+                raise NoSchema(
                     "no schema to create Ops-Core's tables in: the search_path names no existing schema",
-                    code="no_schema",
                 )
             await conn.execute(_MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
-                raise StorageError(
+                raise SchemaTooNew(
                     f"the database has schema version {version}, newer than this Ops-Core knows "
                     f"({SCHEMA_VERSION}): upgrade Ops-Core instead of downgrading the data",
-                    code="schema_too_new",
                 )
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 for step in MIGRATIONS[v]:
@@ -431,12 +434,11 @@ class PostgresStore(Store):
             try:
                 row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
             except pg_errors.UndefinedTable as exc:
-                raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
+                raise NotOpsCore(f"not an Ops-Core database: {exc}") from exc
         version = int(row[0]) if row else 0
         if not 1 <= version <= SCHEMA_VERSION:  # an older schema is read as it is: a reader never migrates
-            raise StorageError(
+            raise SchemaMismatch(
                 f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
-                code="schema_mismatch",
             )
         self._version = version
         return version
@@ -454,7 +456,7 @@ class PostgresStore(Store):
         except pg_errors.TransactionRollback as exc:  # deadlock or serialization failure: retry
             raise RevisionConflict(f"PostgreSQL rolled the transaction back: {exc}") from exc
         except pg_errors.DataError as exc:  # e.g. a NUL character in a text key
-            raise Invalid(f"the value cannot be stored: {exc}", code="unstorable_value") from exc
+            raise Unstorable(f"the value cannot be stored: {exc}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
         except psycopg.Error as exc:
@@ -553,10 +555,9 @@ class PostgresStore(Store):
                 await asyncio.sleep(0.05)
         except Unavailable:
             pass
-        raise Unavailable(
+        raise CommitOutcomeUnknown(
             "the connection to PostgreSQL broke during COMMIT and whether the change was committed could "
             "not be found out; retry with the same Idempotency-Key, or read the entity before retrying",
-            code="commit_outcome_unknown",
         )
 
     async def _apply(
@@ -701,11 +702,7 @@ class PostgresStore(Store):
                 )
             ).fetchone()
         if row is not None and row[0] != text:
-            raise Conflict(
-                f"definition {definition_id!r} version {version!r} is stored with another body; "
-                "a stored version is immutable: publish a new version",
-                code="definition_exists",
-            )
+            raise DefinitionExists(definition_id, version)
         return False
 
     async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:

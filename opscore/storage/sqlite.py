@@ -30,7 +30,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from opscore import audit
-from opscore.errors import Conflict, IdempotencyKeyInUse, OpsCoreError, StorageError, Unavailable
+from opscore.errors import (
+    DatabaseInUse,
+    DefinitionExists,
+    IdempotencyKeyInUse,
+    NotOpsCore,
+    OpsCoreError,
+    SchemaMismatch,
+    SchemaTooNew,
+    StorageError,
+    Unavailable,
+)
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
@@ -210,10 +220,9 @@ def migrate(conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         version = row[0] if row else 0
         if version > SCHEMA_VERSION:
-            raise StorageError(
+            raise SchemaTooNew(
                 f"the database has schema version {version}, newer than this Ops-Core knows "
                 f"({SCHEMA_VERSION}): upgrade Ops-Core instead of downgrading the data",
-                code="schema_too_new",
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
             for step in MIGRATIONS[v]:
@@ -241,12 +250,11 @@ def check_version(conn: sqlite3.Connection) -> int:
     try:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
     except sqlite3.OperationalError as exc:
-        raise StorageError(f"not an Ops-Core database: {exc}", code="not_opscore") from exc
+        raise NotOpsCore(f"not an Ops-Core database: {exc}") from exc
     version = int(row[0]) if row else 0
     if not 1 <= version <= SCHEMA_VERSION:
-        raise StorageError(
+        raise SchemaMismatch(
             f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
-            code="schema_mismatch",
         )
     return version
 
@@ -352,10 +360,9 @@ class SQLiteStore(Store):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(fd)
-            raise StorageError(
+            raise DatabaseInUse(
                 f"another Ops-Core process already serves {self.path}; SQLite takes one server "
                 "process (use PostgreSQL for several replicas)",
-                code="database_in_use",
             ) from exc
         self._lock_fd = fd
         conn = connect(self.path)
@@ -768,11 +775,7 @@ class SQLiteStore(Store):
             ).fetchone()
             if row is not None:
                 if row[0] != text:
-                    raise Conflict(
-                        f"definition {definition_id!r} version {version!r} is stored with another body; "
-                        "a stored version is immutable: publish a new version",
-                        code="definition_exists",
-                    )
+                    raise DefinitionExists(definition_id, version)
                 return False
             conn.execute(
                 "INSERT INTO definitions (definition_id, version, body, created_at) VALUES (?,?,?,?)",

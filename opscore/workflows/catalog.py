@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opscore.errors import NotFound
+from opscore.errors import UnknownDefinition
 from opscore.storage.base import Store
 from opscore.workflows.definitions import Definition, validate
 
@@ -29,7 +29,7 @@ class Catalog:
         body = await self.store.get_definition(definition_id, version)
         if body is None:
             which = f"{definition_id!r}" + ("" if version is None else f" version {version!r}")
-            raise NotFound(f"no workflow definition {which}", code="unknown_workflow_definition")
+            raise UnknownDefinition(f"no workflow definition {which}")
         definition = validate(body, default_timeout=self.default_timeout)
         self._known[(definition.definition_id, definition.version)] = definition
         return definition

@@ -126,3 +126,23 @@ def test_a_bad_signing_key_refuses_to_start(tmp_path: Path) -> None:
     bad.write_text("hello", encoding="utf-8")
     with pytest.raises(checkpoints.InvalidSigningKey, match="not an unencrypted PEM private key"):
         InProcess("memory://", signing_key=str(bad)).start()
+
+
+def test_heads_are_paged_across_entity_types(server: InProcess) -> None:
+    with server.client() as client:
+        for agent in ("k-1", "k-2", "k-3"):
+            assert report(client, agent, "idle").status_code == 200
+        seen, cursor = [], None
+        while True:
+            page = client.get(f"{V1}/audit/heads", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+            seen += page["items"]
+            cursor = page["nextCursor"]
+            if not cursor:
+                break
+        agents = [h for h in seen if h["entityType"] == "agent"]
+        assert [h["entityId"] for h in agents] == ["k-1", "k-2", "k-3"]
+        assert all(
+            h["seq"] == 1 and h["state"] == "idle" and h["revision"] == 1 and len(h["hash"]) == 64 for h in agents
+        )
+        bad = client.get(f"{V1}/audit/heads", params={"cursor": "eyJwIjpbOSwieCJdLCJvIjoiYXNjIn0"})
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid_cursor"

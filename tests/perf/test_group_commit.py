@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from opscore import audit
-from opscore.errors import IdempotencyKeyInUse, RevisionConflict, UnknownEntity
+from opscore.errors import IdempotencyKeyInUse, RevisionConflict, UnknownAgent
 from opscore.models import Change, Committed, Entity, IdempotencyEntry, Timer
 from opscore.storage.sqlite import SQLiteStore
 from tests.servers import Server
@@ -83,7 +83,7 @@ async def _one_batch_with_refusals(path: str) -> None:
             Committed,
             RevisionConflict,
             Committed,
-            UnknownEntity,
+            UnknownAgent,
             IdempotencyKeyInUse,
             Committed,
             Committed,

@@ -187,7 +187,9 @@ def test_the_cli_verifies_and_exports_a_postgresql_audit(pg_url: str, tmp_path: 
     asyncio.run(fill())
     env = {**os.environ, "OPSCORE_DATABASE_URL": pg_url, "PYTHONPATH": str(ROOT)}
     cli = [sys.executable, "-m", "opscore", "audit"]
-    verified = subprocess.run([*cli, "verify"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    verified = subprocess.run(
+        [*cli, "verify", "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["records"] == 6
     out = tmp_path / "audit.jsonl"
@@ -196,5 +198,7 @@ def test_the_cli_verifies_and_exports_a_postgresql_audit(pg_url: str, tmp_path: 
     )
     assert exported.returncode == 0, exported.stderr
     assert len(out.read_text().splitlines()) == 6
-    offline = subprocess.run([*cli, "verify", "--file", str(out)], env=env, capture_output=True, text=True, timeout=60)
+    offline = subprocess.run(
+        [*cli, "verify", "--file", str(out), "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert offline.returncode == 0 and json.loads(offline.stdout)["ok"] is True

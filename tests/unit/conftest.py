@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from opscore.engine import Context, Engine
+from opscore.storage import open_store
 from opscore.storage.base import Store
 from opscore.storage.memory import MemoryStore
 from opscore.storage.sqlite import SQLiteStore
+from tests.conftest import PG_URL
 
 T = TypeVar("T")
 Scenario = Callable[[Engine], Awaitable[Any]]
@@ -38,7 +40,15 @@ def run_with(store: Store, scenario: Scenario) -> Any:
     return asyncio.run(main())
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def run_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Runner:
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def run_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runner]:
     """``run_engine(async_fn)``: ``async_fn(engine)`` on a fresh store of each kind."""
-    return lambda scenario: run_with(make_store(request.param, tmp_path), scenario)
+    if request.param != "postgres":
+        yield lambda scenario: run_with(make_store(request.param, tmp_path), scenario)
+        return
+    if not PG_URL:
+        pytest.skip("PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
+    from tests.pg import fresh_schema
+
+    with fresh_schema(PG_URL) as url:
+        yield lambda scenario: run_with(open_store(url), scenario)

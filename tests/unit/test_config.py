@@ -117,7 +117,7 @@ def test_clients_find_the_server_where_its_settings_say(clean_env: Path, monkeyp
 
 
 def simulate_args(*argv: str) -> argparse.Namespace:
-    return cli.build_parser().parse_args(["simulate", *argv])
+    return cli.parse(["simulate", *argv])
 
 
 def test_simulate_defaults_follow_the_server_configuration(clean_env: Path) -> None:
@@ -148,7 +148,7 @@ def test_simulate_without_a_port_in_the_agentkit_url(clean_env: Path) -> None:
 
 
 def test_serve_defaults_come_from_settings(clean_env: Path) -> None:
-    args = cli.build_parser().parse_args(["serve"])
+    args = cli.parse(["serve"])
     assert (args.host, args.port) == (None, None)  # resolved from Settings in cmd_serve, .env included
 
 

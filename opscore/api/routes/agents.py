@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
@@ -16,11 +16,10 @@ from opscore.api.deps import (
     Reports,
     ReportsAgent,
     StoreDep,
-    decode_cursor,
-    encode_cursor,
     parse_moment,
 )
 from opscore.api.openapi import errors, example
+from opscore.api.paging import encode_cursor, text_position
 from opscore.api.responses import JsonAnswer
 from opscore.api.schemas import (
     AGENT_DETAILS_EXAMPLE,
@@ -35,37 +34,15 @@ from opscore.api.schemas import (
     StateReportAnswer,
     TriggerRequest,
 )
+from opscore.api.views import agent_metadata, agent_view
 from opscore.engine import Context, Engine
-from opscore.errors import Invalid
+from opscore.errors import AgentIdMismatch
 from opscore.idempotency import Replay
 from opscore.models import Entity, EntityQuery, TransitionResult
 
 router = APIRouter(prefix="/v1/opscore", tags=["agents"])
 
 AgentId = AgentIdPath
-
-
-def agent_metadata(details: AgentDetails) -> dict[str, Any]:
-    """The metadata kept for an agent: everything AgentKit described but its id."""
-    return details.model_dump(exclude={"agentId"})
-
-
-def agent_view(entity: Entity) -> dict[str, Any]:
-    data = entity.data
-    return {
-        "agentId": entity.entity_id,
-        "agentName": data.get("agentName"),
-        "version": data.get("version"),
-        "capabilities": data.get("capabilities", []),
-        "contactEndpoint": data.get("contactEndpoint"),
-        "metadata": data.get("metadata", {}),
-        "state": entity.state,
-        "revision": entity.revision,
-        "lastSeenAt": entity.last_seen_at,
-        "lastReportAt": entity.last_report_at,
-        "registeredAt": entity.created_at,
-        "updatedAt": entity.updated_at,
-    }
 
 
 def answer(result: TransitionResult | Replay) -> JsonAnswer:
@@ -112,9 +89,7 @@ async def list_agents(
     cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
 ) -> JsonAnswer:
     """Agents ordered by id, one page at a time."""
-    after = decode_cursor(cursor)
-    if after is not None and (not isinstance(after, str) or "\x00" in after):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    after = text_position(cursor)
     entities = await store.list_entities(
         EntityQuery("agent", state=state, capability=capability, after_id=after, limit=limit + 1)
     )
@@ -152,7 +127,7 @@ async def report_state(
     unknown state; refusals are written to the audit log too.
     """
     if body.agentId is not None and body.agentId != agent_id:
-        raise Invalid(f"body agentId {body.agentId!r} does not match the path's {agent_id!r}", code="agent_id_mismatch")
+        raise AgentIdMismatch(f"body agentId {body.agentId!r} does not match the path's {agent_id!r}")
     engine: Engine = request.app.state.engine
     seed = Entity("agent", agent_id, engine.fsm("agent").initial)
     result = await engine.report(

@@ -20,7 +20,7 @@ from opscore.api.schemas import (
     StateReportBatchAnswer,
 )
 from opscore.engine import Context, Report
-from opscore.errors import Invalid, OpsCoreError
+from opscore.errors import OpsCoreError, UnsupportedHeader
 from opscore.idempotency import Replay
 from opscore.keys import Scope
 from opscore.models import Entity, TransitionResult
@@ -37,7 +37,7 @@ class BatchedReport(StateReport):
 def _check_headers(request: Request) -> None:
     for name in ("if-match", "idempotency-key"):
         if name in request.headers:
-            raise Invalid(f"{name} is not supported on a batch: send that report alone", code="unsupported_header")
+            raise UnsupportedHeader(f"{name} is not supported on a batch: send that report alone")
 
 
 @router.post(

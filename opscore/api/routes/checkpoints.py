@@ -9,13 +9,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from opscore.api.deps import Reads, decode_cursor, encode_cursor
+from opscore.api.deps import Reads, StoreDep
 from opscore.api.openapi import errors
-from opscore.api.schemas import CheckpointPage
+from opscore.api.paging import decode_cursor, encode_cursor
+from opscore.api.schemas import CheckpointPage, HeadPage
 from opscore.checkpointer import Checkpointer
 from opscore.checkpoints import CheckpointFile, InvalidSigningKey, load_signer
 from opscore.config import Settings
 from opscore.errors import Invalid
+from opscore.machines import MACHINES
+from opscore.models import EntityQuery
 from opscore.storage.checkpoint_relay import open_relay
 
 router = APIRouter(prefix="/v1/opscore", tags=["audit"])
@@ -89,3 +92,58 @@ async def checkpoints(
     }
     body = '{"items":[' + ",".join(lines) + "]," + json.dumps(tail, separators=(",", ":"))[1:]
     return Response(body.encode("utf-8"), media_type="application/json")
+
+
+HeadLimit = Annotated[int, Query(ge=1, le=1000, description="heads per page (at most 1000)")]
+TYPES = list(MACHINES)
+
+
+@router.get("/audit/heads", summary="Every entity's chain head", response_model=HeadPage, responses=errors(503))
+async def heads(
+    store: StoreDep,
+    caller: Reads,
+    limit: HeadLimit = 500,
+    cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+) -> dict[str, Any]:
+    """Where each entity's chain ends (`seq`, `hash`), with its `state` and `revision`: an export's trailer.
+
+    Read them before the records: a record past its entity's head committed later, and is left
+    out of that export (`opscore audit export --server` does so).
+    """
+    position = decode_cursor(cursor)
+    if position is None:
+        position = [0, None]
+    if not (
+        isinstance(position, list)
+        and len(position) == 2
+        and isinstance(position[0], int)
+        and not isinstance(position[0], bool)
+        and 0 <= position[0] < len(TYPES)
+        and (position[1] is None or isinstance(position[1], str))
+    ):
+        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    index, after = position
+    items: list[dict[str, Any]] = []
+    while index < len(TYPES) and len(items) <= limit:
+        page = await store.list_entities(EntityQuery(TYPES[index], after_id=after, limit=limit + 1 - len(items)))
+        items.extend(
+            {
+                "entityType": e.entity_type,
+                "entityId": e.entity_id,
+                "seq": e.seq,
+                "hash": e.head_hash,
+                "state": e.state,
+                "revision": e.revision,
+            }
+            for e in page
+        )
+        if len(items) > limit:
+            break
+        index, after = index + 1, None
+    more = len(items) > limit
+    items = items[:limit]
+    next_cursor = None
+    if more:
+        last = items[-1]
+        next_cursor = encode_cursor([TYPES.index(last["entityType"]), last["entityId"]])
+    return {"items": items, "nextCursor": next_cursor}

@@ -143,7 +143,7 @@ async def workflow_diagram(
     if view == "lifecycle":
         return await draw_entity(engine, "workflow", session_id, format, last, at, "workflow run")
     if at is not None:
-        raise Invalid("view=tasks draws the run as it is now; leave out at", code="validation_error")
+        raise Invalid("view=tasks draws the run as it is now; leave out at")
     run = await engine.get(WORKFLOW, session_id)
     runs: Runs = request.app.state.runs
     definition = await runs.definition(str(run.data.get("workflowId")), str(run.data.get("workflowVersion")))

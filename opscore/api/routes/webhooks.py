@@ -14,10 +14,10 @@ from opscore.api.deps import EngineDep, SettingsDep, StoreDep
 from opscore.api.errors import validation_body
 from opscore.api.openapi import errors, raw_body
 from opscore.api.responses import JsonAnswer
-from opscore.api.routes.agents import agent_metadata, agent_view
 from opscore.api.schemas import WEBHOOK_EXAMPLE, WebhookDeregistered, WebhookEvent, WebhookRegistered
+from opscore.api.views import agent_metadata, agent_view
 from opscore.engine import Context
-from opscore.errors import Invalid, Unauthorized
+from opscore.errors import Invalid, Replayed, by_code
 
 router = APIRouter(prefix="/v1/opscore/internal", tags=["webhooks"])
 
@@ -55,18 +55,17 @@ async def notify(
         settings.webhook_secrets, x_agentkit_timestamp, x_agentkit_signature, raw, now=now, window=window
     )
     if not await store.remember_signature(signature, sent, window):
-        raise Unauthorized("this signature was already used: replay refused", code="replayed")
+        raise Replayed()
     try:
         # Python's parser first, as for every other body, so that opscore.inputs sees what it
         # accepts (NaN, lone surrogates) and names the problem, instead of a parser message.
         event = WebhookEvent.model_validate(json.loads(raw))
     except ValidationError as exc:
         refusal = validation_body(exc.errors())
-        raise Invalid(
-            refusal["detail"].replace("invalid request", "invalid webhook body", 1), code=refusal["code"]
-        ) from exc
+        named = by_code().get(refusal["code"], Invalid)  # lone_surrogate, too_deep, ... or validation_error
+        raise named(refusal["detail"].replace("invalid request", "invalid webhook body", 1)) from exc
     except (ValueError, RecursionError) as exc:  # after ValidationError, which is a ValueError too
-        raise Invalid(f"invalid webhook body: not JSON: {exc}", code="validation_error") from exc
+        raise Invalid(f"invalid webhook body: not JSON: {exc}") from exc
     ctx = Context(actor=ACTOR, request_id=request.scope.get("opscore.request_id"))
     agent_id = event.agent_details.agentId
     if event.event_type == "REGISTER":

@@ -9,9 +9,9 @@ from fastapi.responses import Response
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
-from opscore.api.deps import ContextDep, Operates, Reads, StoreDep, decode_cursor, encode_cursor
+from opscore.api.deps import ContextDep, Operates, Reads, StoreDep
 from opscore.api.openapi import errors, example, raw_body
-from opscore.api.paging import AuditFiltersDep, audit_page
+from opscore.api.paging import AuditFiltersDep, audit_page, encode_cursor, int_position, pair_position
 from opscore.api.responses import JsonAnswer
 from opscore.api.schemas import (
     DEFINITION_EXAMPLE,
@@ -28,11 +28,11 @@ from opscore.api.schemas import (
     Wire,
     WorkflowDefinition,
 )
+from opscore.api.views import run_summary, run_view
 from opscore.engine import Context
 from opscore.errors import Invalid, UnacceptableInput, UnknownEntity
 from opscore.inputs import check_id
-from opscore.models import Entity, EntityQuery
-from opscore.storage.base import Store
+from opscore.models import EntityQuery
 from opscore.workflows.definitions import parse
 from opscore.workflows.runs import Runs
 from opscore.workflows.state import TASK, WORKFLOW, task_entity_id
@@ -59,62 +59,6 @@ class StartRequest(Wire):
 class RunTrigger(Wire):
     trigger: str = Field(min_length=1, max_length=64, description="pause, resume, cancel or retry")
     details: dict[str, Any] | None = None
-
-
-def task_view(task: Entity) -> dict[str, Any]:
-    d = task.data
-    return {
-        "taskId": d.get("taskId"),
-        "taskEntityId": task.entity_id,
-        "name": d.get("name"),
-        "state": task.state,
-        "revision": task.revision,
-        "agentCapability": d.get("agentCapability"),
-        "agentId": d.get("agentId"),
-        "pinnedAgentId": d.get("pinnedAgentId"),
-        "attempt": d.get("attempt", 0),
-        "failures": d.get("failures", 0),
-        "maxRetries": d.get("maxRetries"),
-        "timeoutSeconds": d.get("timeoutSeconds"),
-        "attempts": d.get("attempts", []),
-        "result": d.get("result"),
-        "error": d.get("error"),
-        "deadlineAt": d.get("deadlineAt"),
-        "retryAt": d.get("retryAt") if task.state == "retrying" else None,
-        "nextTaskId": d.get("nextTaskId"),
-        "fallbackTaskId": d.get("fallbackTaskId"),
-        "updatedAt": task.updated_at,
-    }
-
-
-def run_summary(run: Entity) -> dict[str, Any]:
-    d = run.data
-    return {
-        "sessionId": run.entity_id,
-        "workflowId": d.get("workflowId"),
-        "workflowVersion": d.get("workflowVersion"),
-        "workflowName": d.get("workflowName"),
-        "state": run.state,
-        "revision": run.revision,
-        "agentId": d.get("agentId"),
-        "currentTaskId": d.get("currentTaskId"),
-        "path": d.get("path", []),
-        "reason": d.get("reason"),
-        "createdAt": run.created_at,
-        "updatedAt": run.updated_at,
-    }
-
-
-async def run_view(store: Store, run: Entity) -> dict[str, Any]:
-    """The run with its tasks, read with one query (``get_many``), in the definition's order."""
-    ids = [task_entity_id(run.entity_id, task_id) for task_id in run.data.get("taskIds", [])]
-    tasks = [task_view(task) for task in await store.get_many(TASK, ids) if task is not None]
-    return {
-        **run_summary(run),
-        "initialPayload": run.data.get("initialPayload", {}),
-        "results": run.data.get("results", {}),
-        "tasks": tasks,
-    }
 
 
 # -- definitions -------------------------------------------------------------------------------
@@ -153,9 +97,7 @@ async def list_definitions(
 ) -> JsonAnswer:
     """`{"items": [definition, ...], "nextCursor"}`, oldest first (the order they were published in,
     which is stable: a stored definition is never replaced or removed), one query per page."""
-    after = decode_cursor(cursor)
-    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    after = int_position(cursor)
     page = await store.definitions_page(after, limit + 1)
     more = len(page) > limit
     page = page[:limit]
@@ -202,7 +144,7 @@ async def start_workflow(
     """
     runs = get_runs(request)
     if (body.workflowDefinitionId is None) == (body.workflowDefinition is None):
-        raise Invalid("give exactly one of workflowDefinitionId and workflowDefinition", code="validation_error")
+        raise Invalid("give exactly one of workflowDefinitionId and workflowDefinition")
     await runs.trigger_agent(agent_id)
     if body.workflowDefinition is not None:
         definition, _ = await runs.publish(body.workflowDefinition)
@@ -263,11 +205,7 @@ async def list_runs(
     and `state` are labels the store keeps beside each run (opscore/storage/rows.py), and a
     page continues from the position in its cursor.
     """
-    position = decode_cursor(cursor, order)
-    if position is not None and not (
-        isinstance(position, list) and len(position) == 2 and all(isinstance(p, str) for p in position)
-    ):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+    position = pair_position(cursor, order)
     labels = tuple((k, v) for k, v in (("workflowId", workflowId), ("agentId", agentId)) if v is not None)
     page = await store.list_entities(
         EntityQuery(

@@ -72,10 +72,10 @@ def test_diagram_errors_answer_the_one_shape(server: Server) -> None:
         report(client, "a1", "idle")
         assert_error(client.get("/v1/opscore/agent/a1/diagram", params={"last": -1}), 422, "validation_error")
         assert_error(client.get("/v1/opscore/agent/a1/diagram", params={"at": "soon"}), 422, "invalid_time")
-    answer = httpx.get(f"{server.url}/v1/opscore/machines/agent/diagram")
+    answer = server.anonymous().get("/v1/opscore/machines/agent/diagram")
     assert_error(answer, 401, "unauthorized")
     assert answer.headers["www-authenticate"] == "Bearer"
-    assert_error(httpx.get(f"{server.url}/v1/opscore/agent/a1/diagram"), 401, "unauthorized")
+    assert_error(server.anonymous().get("/v1/opscore/agent/a1/diagram"), 401, "unauthorized")
 
 
 def test_highlight_and_path_follow_the_agent(server: Server) -> None:
@@ -205,8 +205,9 @@ def test_at_before_between_and_after_the_records(server: Server) -> None:
 
 
 def test_cli_draws_an_agent_from_a_running_server(
-    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    process_server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    server = process_server
     with server.client() as client:
         report(client, "c1", "idle")
     monkeypatch.setenv("OPSCORE_API_URL", server.url)
