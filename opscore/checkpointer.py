@@ -97,6 +97,8 @@ class Checkpointer:
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open (and index) the file, connect the relay, start the task; ``OSError`` if the file cannot be written."""
+        await asyncio.to_thread(self.file.check_writable)
         torn = await asyncio.to_thread(self.file.open)
         if torn is not None:
             log.warning("checkpoint file: cut off a torn last line", extra={"file": str(self.file.path)})

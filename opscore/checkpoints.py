@@ -62,7 +62,11 @@ def verifier(pins: Mapping[tuple[str, str], audit.Pin] | None = None) -> audit.C
 # -- keys -----------------------------------------------------------------------------------
 
 
-class InvalidSigningKey(ValueError):
+class InvalidCheckpointSettings(ValueError):
+    """Checkpoints are configured but cannot be kept (Ops-Core refuses to start): the message says why."""
+
+
+class InvalidSigningKey(InvalidCheckpointSettings):
     """A signing or public key that cannot be used; the message names the file, never the key."""
 
 
@@ -400,6 +404,11 @@ class CheckpointFile:
 
     def __len__(self) -> int:
         return len(self._offsets)
+
+    def check_writable(self) -> None:
+        """Create the file if need be, or raise ``OSError``: a start-up that cannot keep checkpoints refuses."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.close(fd)
 
     def append(self, texts: list[str], last: dict[str, Any]) -> None:
         """Append lines and make them durable (:meth:`write` then :meth:`extend`)."""

@@ -146,3 +146,10 @@ def test_heads_are_paged_across_entity_types(server: InProcess) -> None:
         )
         bad = client.get(f"{V1}/audit/heads", params={"cursor": "eyJwIjpbOSwieCJdLCJvIjoiYXNjIn0"})
         assert bad.status_code == 422 and bad.json()["code"] == "invalid_cursor"
+
+
+def test_a_checkpoint_file_that_cannot_be_written_refuses_to_start(tmp_path: Path) -> None:
+    private, _, _ = make_signing_key(tmp_path / "signing.pem")
+    nowhere = tmp_path / "missing-dir" / "checkpoints.jsonl"
+    with pytest.raises(checkpoints.InvalidCheckpointSettings, match=r"OPSCORE_CHECKPOINT_FILE .* cannot be written"):
+        InProcess("memory://", signing_key=str(private), checkpoint_file=str(nowhere)).start()

@@ -14,7 +14,7 @@ from opscore.api.openapi import errors
 from opscore.api.paging import decode_cursor, encode_cursor
 from opscore.api.schemas import CheckpointPage, HeadPage
 from opscore.checkpointer import Checkpointer
-from opscore.checkpoints import CheckpointFile, InvalidSigningKey, load_signer
+from opscore.checkpoints import CheckpointFile, InvalidCheckpointSettings, InvalidSigningKey, load_signer
 from opscore.config import Settings
 from opscore.errors import Invalid
 from opscore.machines import MACHINES
@@ -44,7 +44,12 @@ async def start(app: Any) -> None:
         records=conf.checkpoint_records,
         seconds=conf.checkpoint_seconds,
     )
-    await runner.start()
+    try:
+        await runner.start()
+    except OSError as exc:
+        detail = f"OPSCORE_CHECKPOINT_FILE {conf.checkpoint_file!r} cannot be written: {exc.strerror or exc}"
+        log.critical("refusing to start", extra={"detail": detail, "code": "invalid_checkpoint_file"})
+        raise InvalidCheckpointSettings(detail) from exc
     app.state.checkpointer = runner
     log.info("checkpoints", extra={"keyId": signer.key_id, "file": conf.checkpoint_file})
 
