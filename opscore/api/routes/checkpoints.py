@@ -16,7 +16,7 @@ from opscore.api.schemas import CheckpointPage, HeadPage
 from opscore.checkpointer import Checkpointer
 from opscore.checkpoints import CheckpointFile, InvalidCheckpointSettings, InvalidSigningKey, load_signer
 from opscore.config import Settings
-from opscore.errors import Invalid
+from opscore.errors import InvalidCursor
 from opscore.machines import MACHINES
 from opscore.models import EntityQuery
 from opscore.storage.checkpoint_relay import open_relay
@@ -84,7 +84,7 @@ async def checkpoints(
     if after is None:
         after = 0
     if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**63:
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor("cursor is not a cursor this server handed out")
     runner: Checkpointer | None = getattr(request.app.state, "checkpointer", None)
     lines = runner.file.read(after, limit + 1) if runner is not None else []
     more = len(lines) > limit
@@ -126,7 +126,7 @@ async def heads(
         and 0 <= position[0] < len(TYPES)
         and (position[1] is None or isinstance(position[1], str))
     ):
-        raise Invalid("cursor is not a cursor this server handed out", code="invalid_cursor")
+        raise InvalidCursor("cursor is not a cursor this server handed out")
     index, after = position
     items: list[dict[str, Any]] = []
     while index < len(TYPES) and len(items) <= limit:
