@@ -14,7 +14,6 @@ from opscore.api.errors import render_error, status_of
 from opscore.clock import normalise as normalise_time
 from opscore.engine import Context, Engine, Idempotency, Replay
 from opscore.errors import (
-    Conflict,
     IdempotencyKeyReused,
     IllegalTransition,
     Invalid,
@@ -368,7 +367,7 @@ def test_endless_races_end_in_a_409_conflict() -> None:
         await engine.upsert("agent", "a", {}, ctx=CTX)
         await engine.fire("agent", "a", "ready", ctx=CTX)
         store.races = 10_000
-        with pytest.raises(Conflict) as info:
+        with pytest.raises(RevisionConflict) as info:
             await engine.fire("agent", "a", "fail", ctx=CTX)
         assert status_of(info.value) == 409 and info.value.code == "revision_conflict"
 
