@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opscore import audit
+from opscore import audit, checkpoints
 from opscore.models import AuditQuery
 from opscore.storage.sqlite import SQLiteStore, connect
 
@@ -40,7 +40,7 @@ def grow(path: str, heads: dict[str, tuple[int, str]], start_id: int, count: int
             entity_type="agent",
             entity_id=agent,
             event="ready" if dest == "idle" else "begin_task",
-            source=states[(seq + 1) % 2],
+            source=states[(seq + 1) % 2] if seq else "registered",
             dest=dest,
             outcome="applied",
             reason=None,
@@ -107,7 +107,7 @@ async def verify(path: str) -> dict[str, Any]:
     await store.open()
     try:
         t = time.perf_counter()
-        result = await store.verify()
+        result = await store.verify(checkpoints.verifier())
         elapsed = time.perf_counter() - t
     finally:
         await store.close()

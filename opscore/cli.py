@@ -42,6 +42,7 @@ from opscore import terminal as term
 
 if TYPE_CHECKING:
     from opscore import audit
+    from opscore.checkpoints import Checkpoints
     from opscore.client import Client
     from opscore.config import Settings
     from opscore.errors import OpsCoreError
@@ -1021,50 +1022,59 @@ async def _open_store(conf: Settings) -> Any:
     return store
 
 
-async def _verify_db(conf: Settings) -> audit.Verification:
+async def _verify_db(conf: Settings, signed: Checkpoints | None = None) -> audit.Verification:
+    from opscore import checkpoints
+
     store = await _open_store(conf)
     try:
         with term.progress("verifying the database"):
-            result: audit.Verification = await store.verify()
+            result: audit.Verification = await checkpoints.verify_database(store, signed)
         return result
     finally:
         await store.close()
 
 
 async def _export_db(conf: Settings, out: IO[str]) -> int:
-    from opscore import audit as audit_log
-    from opscore.models import AuditQuery
+    """The database's records up to the heads read first, then the trailer (opscore.checkpoints.export_database)."""
+    from opscore import checkpoints
 
     store = await _open_store(conf)
-    count = 0
     try:
         with term.progress("exporting") as bar:
-            after = 0
-            while True:
-                page = await store.list_audit(AuditQuery(after_id=after, limit=5000))
-                if not page:
-                    break
-                for record in page:
-                    out.write(audit_log.canonical(record).decode("utf-8") + "\n")
-                count += len(page)
-                bar.advance(len(page))
-                after = page[-1]["id"]
+
+            def write(line: str) -> None:
+                out.write(line)
+                bar.advance(1)
+
+            count, _ = await checkpoints.export_database(store, write)
     finally:
         await store.close()
     return count
 
 
 def export_server(state: State, out: IO[str]) -> int:
-    """Every record through the API, written exactly as served (so it verifies offline)."""
+    """Every record through the API, written exactly as served (so it verifies offline), then the heads.
+
+    The heads are read first (``GET /audit/heads``) and each chain is written up to its head,
+    so the file is consistent while the server keeps writing (:func:`opscore.audit.export_records`).
+    """
     from opscore import audit as audit_log
 
     count = 0
     with state.client() as client, term.progress("exporting") as bar:
+        heads: dict[tuple[str, str], audit_log.Head] = {}
+        for page in client.audit.heads():
+            for h in page:
+                heads[(h["entityType"], h["entityId"])] = audit_log.Head(
+                    h["entityType"], h["entityId"], h["seq"], h["hash"], h["state"], h["revision"]
+                )
         for page in client.audit.records(limit=1000):
-            for record in page:
-                out.write(audit_log.canonical(record).decode("utf-8") + "\n")
-            count += len(page)
+            for line in audit_log.export_records(page, heads):
+                out.write(line + "\n")
+                count += 1
             bar.advance(len(page))
+        for line in audit_log.export_trailer(heads, count):
+            out.write(line + "\n")
     return count
 
 
@@ -1110,23 +1120,21 @@ def audit_export(state: State, out: str, server: bool, as_json: bool) -> None:
         click.echo(f"exported {count} records to {'standard output' if out == '-' else out}", file=stream)
 
 
-def verify_file(path: str) -> audit.Verification:
-    from opscore import audit as audit_log
+def verify_file(path: str, signed: Checkpoints | None = None) -> audit.Verification:
+    """An export: its records, its trailer of heads and end line, and the signed heads when given."""
+    from opscore import checkpoints
 
     try:
         size = os.path.getsize(path)
         with open(path, encoding="utf-8") as fh, term.progress(f"verifying {path}", size, unit="bytes") as bar:
-            verifier = audit_log.ChainVerifier()
 
             def lines() -> Iterator[str]:
                 for line in fh:
                     bar.advance(len(line.encode("utf-8")))
                     yield line
 
-            for record in audit_log.read_jsonl(lines()):
-                verifier.add(record)
-            return verifier.finish()
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or not JSON Lines
+            return checkpoints.verify_export(lines(), signed)
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise Failure(f"audit verify: {path}: {reason}", EXIT_REFUSED) from exc
 
@@ -1147,26 +1155,61 @@ def show_verdict(verdict: dict[str, Any], as_json: bool) -> None:
         click.echo(f"  {p.get('entityType')} {p.get('entityId')}{seq}: {p.get('problem')}")
 
 
+def read_signed(path: str, public_keys: tuple[str, ...]) -> Checkpoints:
+    """The checkpoint file, every line's signature and chain checked (opscore.checkpoints)."""
+    from opscore import checkpoints
+
+    try:
+        return checkpoints.read_checkpoint_file(path, public_keys)
+    except (OSError, ValueError) as exc:  # unreadable file, or a key that is not an Ed25519 PEM
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise Failure(f"audit verify: {reason}", EXIT_USAGE) from exc
+
+
 @audit_group.command("verify")
 @click.option("--file", "file", metavar="FILE", help="an exported JSON Lines file: needs no database and no server")
 @click.option("--server", is_flag=True, help="ask a running Ops-Core to verify its database (GET /audit/verify)")
+@click.option(
+    "--checkpoints", "checkpoint_file", metavar="FILE", help="signed checkpoints (OPSCORE_CHECKPOINT_FILE) to hold to"
+)
+@click.option(
+    "--public-key",
+    "public_keys",
+    metavar="PEM",
+    multiple=True,
+    help="public key of the checkpoints' signing key (repeat for every key that signed, e.g. across a rotation)",
+)
 @json_option
 @pass_state
-def audit_verify(state: State, file: str | None, server: bool, as_json: bool) -> None:
-    """Recompute every hash chain and compare each entity's head; exit 1 when anything is wrong.
+def audit_verify(
+    state: State,
+    file: str | None,
+    server: bool,
+    checkpoint_file: str | None,
+    public_keys: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Recompute every hash chain and replay it against each entity's head, state and revision; exit 1 if wrong.
 
     Checks the database (OPSCORE_DATABASE_URL, read-only), an export (--file), or asks the
-    server (--server).
+    server (--server). With --checkpoints FILE --public-key PEM, also every signed checkpoint:
+    a record a checkpoint covers that was edited, deleted, reordered or rewritten with every
+    hash recomputed, or a chain that ends before its signed head, is named (entity and seq).
     """
     if file is not None and server:
         raise click.UsageError("give at most one of --file and --server")
+    if bool(checkpoint_file) != bool(public_keys):
+        raise click.UsageError("--checkpoints FILE needs --public-key PEM, and the reverse")
+    if server and checkpoint_file:
+        raise click.UsageError("--checkpoints checks the database or an export (--file), not --server")
+    signed = read_signed(checkpoint_file, public_keys) if checkpoint_file else None
     if file is not None:
-        verdict = verify_file(file).to_dict()
+        verdict = verify_file(file, signed).to_dict()
     elif server:
         with state.client() as client:
             verdict = client.audit.verify().model_dump(mode="json")
     else:
-        verdict = run_async(_verify_db(state.settings)).to_dict()
+        verdict = run_async(_verify_db(state.settings, signed)).to_dict()
     show_verdict(verdict, as_json)
     if not verdict["ok"]:
         raise click.exceptions.Exit(EXIT_REFUSED)
@@ -1306,6 +1349,26 @@ def keys_create(name: str, scopes: tuple[str, ...], agents_globs: tuple[str, ...
     click.echo(f"  {secret}")
     click.echo("Add this entry to the list in OPSCORE_KEYS_FILE (JSON or YAML), then restart Ops-Core:")
     click.echo(f"  {json.dumps(entry)}")
+
+
+@keys.command("signing-key")
+@click.option("--out", "out", required=True, metavar="FILE", help="the private key's file (the public key: FILE.pub)")
+@json_option
+def keys_signing_key(out: str, as_json: bool) -> None:
+    """Make an Ed25519 key for OPSCORE_SIGNING_KEY (mode 600) and its public key beside it; never overwrites."""
+    from opscore.checkpoints import make_signing_key
+
+    try:
+        private, public, key_id = make_signing_key(out)
+    except OSError as exc:  # FileExistsError included
+        raise Failure(f"keys signing-key: {exc} (never overwritten: move it away first)", EXIT_REFUSED) from exc
+    if as_json:
+        term.emit_json({"privateKey": str(private), "publicKey": str(public), "keyId": key_id})
+        return
+    click.echo(f"Private key: {private} (mode 600; key id {key_id})")
+    click.echo(f"Public key:  {public}")
+    click.echo(f"Set OPSCORE_SIGNING_KEY={private} on every replica and restart; keep {public} with whoever")
+    click.echo("verifies, out of the database's reach: opscore audit verify --checkpoints FILE --public-key PEM")
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -120,6 +120,19 @@ class Settings(BaseSettings):
         default=300.0, validation_alias=AliasChoices("OPSCORE_AGENT_TIMEOUT_SECONDS", "agent_timeout_seconds")
     )
 
+    # -- signed checkpoints (DESIGN §12; opscore/checkpoints.py) ----------------------------------
+    signing_key: str = Field(default="", validation_alias=AliasChoices("OPSCORE_SIGNING_KEY", "signing_key"))
+    checkpoint_records: int = Field(
+        default=1000, ge=1, validation_alias=AliasChoices("OPSCORE_CHECKPOINT_RECORDS", "checkpoint_records")
+    )
+    checkpoint_seconds: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("OPSCORE_CHECKPOINT_SECONDS", "checkpoint_seconds")
+    )
+    checkpoint_file: str = Field(
+        default="./opscore-checkpoints.jsonl",
+        validation_alias=AliasChoices("OPSCORE_CHECKPOINT_FILE", "checkpoint_file"),
+    )
+
     # -- where `opscore serve` listens, and where clients (CLI, simulator) find it ---------------
     host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("OPSCORE_HOST", "host"))
     port: int = Field(default=8000, ge=0, le=65535, validation_alias=AliasChoices("OPSCORE_PORT", "port"))

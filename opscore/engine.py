@@ -495,7 +495,15 @@ class Engine:
                     reported_at=None,
                 )
                 expected = {key: current.data.get(key) for key in changed}
-                change = Change(entity_type, entity_id, expected_data=expected, data=data, record=record)
+                # the revision too: the record's source is the state read, which must still hold
+                change = Change(
+                    entity_type,
+                    entity_id,
+                    expected_revision=current.revision,
+                    expected_data=expected,
+                    data=data,
+                    record=record,
+                )
                 try:
                     committed = await self.store.apply(change)
                 except RevisionConflict:

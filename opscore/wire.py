@@ -96,6 +96,44 @@ class VerifyAnswer(BaseModel):
     problems: list[dict[str, Any]]
 
 
+class Checkpoint(BaseModel):
+    """One signed checkpoint line (DESIGN §12), exactly as in ``OPSCORE_CHECKPOINT_FILE``."""
+
+    v: int
+    n: int = Field(description="line number, from 1")
+    position: str = Field(description="the live stream's position of the last record covered")
+    at: str = Field(description="when it was signed (UTC ISO-8601)")
+    records: int = Field(description="records covered since the stream's start")
+    full: bool = Field(description="true on the first line: it holds every head; later lines the heads that moved")
+    heads: dict[str, dict[str, tuple[int, str]]] = Field(description="{entityType: {entityId: [seq, hash]}}")
+    prev: str = Field(description="SHA-256 of the previous line's canonical JSON (64 zeros for the first)")
+    keyId: str = Field(description="SHA-256 of the raw Ed25519 public key")
+    sig: str = Field(description="base64 Ed25519 signature of the line's canonical JSON without sig")
+
+
+class CheckpointPage(BaseModel):
+    items: list[Checkpoint]
+    nextCursor: str | None
+    keyId: str | None = Field(description="the signing key's id; null when this server signs no checkpoints")
+    halted: str | None = Field(description="why this server stopped checkpointing, or null")
+
+
+class EntityHead(BaseModel):
+    """Where an entity's audit chain ends, and what the entity holds: one line of an export's trailer."""
+
+    entityType: str
+    entityId: str
+    seq: int
+    hash: str
+    state: str
+    revision: int
+
+
+class HeadPage(BaseModel):
+    items: list[EntityHead]
+    nextCursor: str | None
+
+
 class MachineTransition(BaseModel):
     trigger: str
     source: str

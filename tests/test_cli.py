@@ -42,9 +42,10 @@ def test_export_then_verify_the_file_offline(populated: Server, sqlite_url: str,
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout) == {"exported": 15, "file": str(out)}
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 15
+    assert len(lines) == 15 + 3 + 1  # the records, a trailer line per entity head, the end line
     with populated.client() as client:
-        assert [json.loads(line) for line in lines] == client.get("/v1/opscore/audit").json()["items"]
+        assert [json.loads(line) for line in lines[:15]] == client.get("/v1/opscore/audit").json()["items"]
+    assert [json.loads(line)["kind"] for line in lines[15:]] == ["head"] * 3 + ["end"]
 
     offline = opscore("audit", "verify", "--file", str(out), "--json", cwd=tmp_path)  # no database configured
     assert offline.returncode == 0, offline.stdout + offline.stderr

@@ -21,7 +21,18 @@ from opscore import __version__, console
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
-from opscore.api.routes import agents, audit, batch, diagrams, health, machines, stream, webhooks, workflows
+from opscore.api.routes import (
+    agents,
+    audit,
+    batch,
+    checkpoints,
+    diagrams,
+    health,
+    machines,
+    stream,
+    webhooks,
+    workflows,
+)
 from opscore.api.routes import metrics as metrics_route
 from opscore.api.sessions import Sessions
 from opscore.api.streams import Hub
@@ -295,12 +306,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     metrics = app.state.metrics = Metrics()
-    startup_hooks: list[Any] = [start_workflows]
-    shutdown_hooks: list[Any] = [stop_workflows]
+    startup_hooks: list[Any] = [start_workflows, checkpoints.start]
+    shutdown_hooks: list[Any] = [checkpoints.stop, stop_workflows]  # run in reverse: checkpoints sign last
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (health, agents, batch, stream, audit, machines, diagrams, webhooks, workflows, metrics_route):
+    for module in (
+        health,
+        agents,
+        batch,
+        stream,
+        audit,
+        checkpoints,
+        machines,
+        diagrams,
+        webhooks,
+        workflows,
+        metrics_route,
+    ):
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)

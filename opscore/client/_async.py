@@ -24,6 +24,8 @@ from opscore.client._base import (
     AGENT_WORKFLOW,
     AGENTS,
     AUDIT,
+    AUDIT_CHECKPOINTS,
+    AUDIT_HEADS,
     AUDIT_STREAM,
     AUDIT_VERIFY,
     DEFINITION,
@@ -677,6 +679,24 @@ class AsyncAudit:
         VerifyAnswer(ok=True, entities=12, records=1042, problems=[])
         """
         return await self._c._model(VerifyAnswer, "GET", AUDIT_VERIFY)
+
+    @route("GET", AUDIT_CHECKPOINTS)
+    def checkpoints(self, *, limit: int | None = None) -> AsyncIterator[Page]:
+        """The signed checkpoint lines, oldest first, a page at a time, as plain dicts (as signed).
+
+        Check them offline with the public key (``opscore.checkpoints.read_checkpoints``):
+        ``[{"v": 1, "n": 1, "position": "42", "full": True, "heads": {...}, "sig": "..."}, ...]``
+        """
+        return self._c._pages(AUDIT_CHECKPOINTS, params(limit=limit))
+
+    @route("GET", AUDIT_HEADS)
+    def heads(self, *, limit: int | None = None) -> AsyncIterator[Page]:
+        """Every entity's chain head, state and revision, a page at a time (an export's trailer).
+
+        ``[{"entityType": "agent", "entityId": "agent-7", "seq": 12, "hash": "...", "state": "idle",
+        "revision": 9}, ...]``
+        """
+        return self._c._pages(AUDIT_HEADS, params(limit=limit))
 
 
 def audit_query(

@@ -38,7 +38,7 @@ from opscore.workflows.state import TASK, WORKFLOW, task_entity_id
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE.parent / "static" / "console"
-ASSET_VERSION = "1"
+ASSET_VERSION = "2"
 """Part of every asset URL: bump it when console.js/console.css change, so no browser keeps a stale copy."""
 
 PAGE_SIZE = 100
@@ -556,13 +556,20 @@ async def audit_page(request: Request) -> Response:
     _, store = _state(request)
     head = await store.stream_head()  # before the listing: the feed may repeat a record, never miss one
     records = await store.list_audit(AuditQuery(descending=True, limit=FEED_SIZE))
-    checkpoints = getattr(request.app.state, "checkpoints", None)
-    return render(
-        request,
-        "audit.html",
-        title="Audit",
-        nav="audit",
-        records=records,
-        head=head,
-        checkpoints_configured=checkpoints is not None,
-    )
+    return render(request, "audit.html", title="Audit", nav="audit", records=records, head=head, **_checkpoint(request))
+
+
+def _checkpoint(request: Request) -> dict[str, Any]:
+    """The last signed checkpoint line this server holds (``OPSCORE_CHECKPOINT_FILE``), if it signs any."""
+    runner = getattr(request.app.state, "checkpointer", None)
+    if runner is None:
+        return {"checkpoint_configured": False, "checkpoint": None, "checkpoint_key": None, "checkpoint_halted": None}
+    count = len(runner.file)
+    last = json.loads(runner.file.read(count - 1, 1)[0]) if count else None
+    return {
+        "checkpoint_configured": True,
+        "checkpoint": None if last is None else json.dumps(last, indent=2, sort_keys=True, ensure_ascii=False),
+        "checkpoint_count": count,
+        "checkpoint_key": runner.signer.key_id,
+        "checkpoint_halted": runner.halted,
+    }

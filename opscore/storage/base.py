@@ -227,8 +227,13 @@ class Store(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def verify(self) -> audit.Verification:
-        """Recompute every chain and compare every entity head."""
+    async def verify(self, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
+        """Feed every record (in id order) and then every entity head to ``verifier``, from one snapshot.
+
+        Heads carry the entity's ``state`` and ``revision`` too, so the verifier compares them
+        with the replay of the chain. ``verifier`` (default: one with no machine or checkpoint
+        knowledge) is built by the caller: :func:`opscore.checkpoints.verifier`.
+        """
 
     @abc.abstractmethod
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:

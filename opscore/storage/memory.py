@@ -129,9 +129,13 @@ class MemoryStore(Store):
                     break
         return page
 
-    async def verify(self) -> audit.Verification:
-        heads = [(e.entity_type, e.entity_id, e.seq, e.head_hash) for e in self.entities.values()]
-        return audit.verify(self.records, heads)
+    async def verify(self, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
+        verifier = verifier if verifier is not None else audit.ChainVerifier()
+        for record in self.records:
+            verifier.add(record)
+        for e in self.entities.values():
+            verifier.head(e.entity_type, e.entity_id, e.seq, e.head_hash, e.state, e.revision)
+        return verifier.finish()
 
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
         if self.idempotency_at.get((scope, key), 0.0) < time.time() - IDEMPOTENCY_TTL:

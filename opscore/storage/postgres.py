@@ -641,9 +641,9 @@ class PostgresStore(Store):
                 result: Position | None = done.value
                 return result
 
-    async def verify(self) -> audit.Verification:
+    async def verify(self, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
         """Stream every record in id order from one snapshot; parse and hash off the event loop."""
-        verifier = audit.ChainVerifier()
+        verifier = verifier if verifier is not None else audit.ChainVerifier()
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             async with conn.cursor(name="opscore_verify") as cur:
@@ -651,10 +651,10 @@ class PostgresStore(Store):
                 while rows := await cur.fetchmany(VERIFY_CHUNK):
                     await asyncio.to_thread(_feed, verifier, rows)
             async with conn.cursor(name="opscore_heads") as cur:
-                await cur.execute("SELECT entity_type, entity_id, seq, head_hash FROM entities")
+                await cur.execute("SELECT entity_type, entity_id, seq, head_hash, state, revision FROM entities")
                 while heads := await cur.fetchmany(VERIFY_CHUNK):
-                    for etype, eid, seq, head in heads:
-                        verifier.head(etype, eid, seq, head)
+                    for etype, eid, seq, head, state, revision in heads:
+                        verifier.head(etype, eid, seq, head, state, revision)
         return verifier.finish()
 
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:

@@ -755,21 +755,22 @@ class SQLiteStore(Store):
                 yield audit.loads(body)
             last = rows[-1][0]
 
-    def verify_sync(self, conn: sqlite3.Connection) -> audit.Verification:
-        verifier = audit.ChainVerifier()
+    def verify_sync(self, conn: sqlite3.Connection, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
+        verifier = verifier if verifier is not None else audit.ChainVerifier()
         conn.execute("BEGIN")
         try:
             for record in self.iter_records(conn):
                 # the parsed dict is ours: taking "hash" out spares digest() a copy per record
                 verifier.add(record, record.pop("hash", None))
-            for etype, eid, seq, head in conn.execute("SELECT entity_type, entity_id, seq, head_hash FROM entities"):
-                verifier.head(etype, eid, seq, head)
+            heads = conn.execute("SELECT entity_type, entity_id, seq, head_hash, state, revision FROM entities")
+            for etype, eid, seq, head, state, revision in heads:
+                verifier.head(etype, eid, seq, head, state, revision)
         finally:
             conn.execute("COMMIT")
         return verifier.finish()
 
-    async def verify(self) -> audit.Verification:
-        return await self._read(self.verify_sync)  # type: ignore[no-any-return]
+    async def verify(self, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
+        return await self._read(lambda conn: self.verify_sync(conn, verifier))  # type: ignore[no-any-return]
 
     # -- workflows --------------------------------------------------------------------------
 

@@ -389,11 +389,11 @@ def test_concurrent_verifications_share_one_run(database_url: str) -> None:
         calls = 0
         real = store.verify
 
-        async def counting() -> Any:
+        async def counting(verifier: Any = None) -> Any:
             nonlocal calls
             calls += 1
             await asyncio.sleep(0.2)
-            return await real()
+            return await real(verifier)
 
         store.verify = counting
         answers = await asyncio.gather(*(client.get(f"{V1}/audit/verify") for _ in range(8)))

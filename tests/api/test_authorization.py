@@ -69,6 +69,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, bool]] = {
     ("GET", f"{V1}/workflows/{{session_id}}/audit"): ("read", False),
     ("GET", f"{V1}/audit/stream"): ("read", False),
     ("GET", f"{V1}/audit/checkpoints"): ("read", False),
+    ("GET", f"{V1}/audit/heads"): ("read", False),
 }
 OPEN = {("POST", f"{V1}/internal/agent/notify")}  # HMAC-signed by AgentKit, no key
 

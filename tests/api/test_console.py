@@ -10,12 +10,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
 from opscore.api import sessions
+from opscore.checkpoints import make_signing_key
 from tests.inproc import API_KEY, serve
 
 Body = Callable[[FastAPI, httpx.AsyncClient, httpx.AsyncClient], Awaitable[None]]
@@ -162,5 +164,40 @@ def test_every_page_renders_on_every_store(store_url: str) -> None:
                 assert text in answer.text, (path, text)
         assert (await browser.get("/console/agents/nobody")).status_code == 404
         assert (await browser.get("/console/runs/nothing")).status_code == 404
+
+    run(store_url, body)
+
+
+def test_the_audit_page_shows_the_last_signed_checkpoint(store_url: str, tmp_path: Path) -> None:
+    private, _, key_id = make_signing_key(tmp_path / "signing.pem")
+
+    async def body(app: FastAPI, client: httpx.AsyncClient, browser: httpx.AsyncClient) -> None:
+        await sign_in(browser)
+        page = await browser.get("/console/audit")
+        assert "none signed yet" in page.text or "last-checkpoint" in page.text
+        assert (await report(client, "k-1", "idle")).status_code == 200
+        for _ in range(100):
+            page = await browser.get("/console/audit")
+            if 'id="last-checkpoint"' in page.text:
+                break
+            await asyncio.sleep(0.05)
+        assert 'id="last-checkpoint"' in page.text and key_id in page.text
+        assert "k-1" in page.text  # the head it pins
+
+    run(
+        store_url,
+        body,
+        signing_key=str(private),
+        checkpoint_file=str(tmp_path / "checkpoints.jsonl"),
+        checkpoint_records=1,
+        checkpoint_seconds=0.1,
+    )
+
+
+def test_without_a_signing_key_the_audit_page_says_no_checkpoints(store_url: str) -> None:
+    async def body(app: FastAPI, client: httpx.AsyncClient, browser: httpx.AsyncClient) -> None:
+        await sign_in(browser)
+        page = await browser.get("/console/audit")
+        assert "No checkpoints configured" in page.text and "OPSCORE_SIGNING_KEY" in page.text
 
     run(store_url, body)

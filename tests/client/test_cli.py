@@ -221,13 +221,15 @@ def test_audit_export_and_verify_through_the_server(env: Path, capsys: pytest.Ca
     exported = run(capsys, "audit", "export", "--server", "--out", "audit.jsonl", "--json")
     assert exported.code == 0 and exported.json()["file"] == "audit.jsonl"
     lines = (env / "audit.jsonl").read_text().splitlines()
-    assert len(lines) == exported.json()["exported"] > 0
+    records = [line for line in lines if "kind" not in json.loads(line)]  # then the trailer: heads, end
+    assert len(records) == exported.json()["exported"] > 0
+    assert json.loads(lines[-1]) == {"kind": "end", "records": len(records), "entities": len(lines) - len(records) - 1}
     to_stdout = run(capsys, "audit", "export", "--server", "--out", "-")
     assert to_stdout.out.splitlines()[: len(lines)] == lines and not (env / "-").exists()
     assert to_stdout.err.startswith("exported ")  # the summary never mixes into the records
 
     offline = run(capsys, "audit", "verify", "--file", "audit.jsonl", "--json").json()
-    assert offline["ok"] and offline["records"] == len(lines)
+    assert offline["ok"] and offline["records"] == len(records)
     assert run(capsys, "audit", "verify", "--file", "audit.jsonl").out.startswith("ok: every chain verified")
     remote = run(capsys, "audit", "verify", "--server", "--json")
     assert remote.code == 0 and remote.json()["ok"]
@@ -250,7 +252,9 @@ def test_audit_against_the_database_and_where_there_is_none(
     verified = run(capsys, "audit", "verify", "--json")
     assert verified.code == 0 and verified.json()["ok"]
     exported = run(capsys, "audit", "export", "--out", "-")
-    assert exported.code == 0 and all(json.loads(line)["hash"] for line in exported.out.splitlines())
+    *chained, end = exported.out.splitlines()  # records and head lines carry a hash; the end line counts
+    assert exported.code == 0 and all(json.loads(line)["hash"] for line in chained)
+    assert json.loads(end)["kind"] == "end"
     monkeypatch.setenv("OPSCORE_DATABASE_URL", "postgresql://opscore:hunter2@127.0.0.1:1/nothing")
     monkeypatch.setenv("OPSCORE_PG_POOL_TIMEOUT", "1")
     down = run(capsys, "audit", "verify")

@@ -17,12 +17,12 @@ from opscore.storage.sqlite import SQLiteStore
 from tests.servers import Server
 
 
-def record(entity_id: str, dest: str) -> dict[str, object]:
+def record(entity_id: str, dest: str, source: str = "registered") -> dict[str, object]:
     return audit.draft(
         entity_type="agent",
         entity_id=entity_id,
         event="ready",
-        source="registered",
+        source=source,
         dest=dest,
         outcome="applied",
         reason=None,
@@ -71,7 +71,7 @@ async def _one_batch_with_refusals(path: str) -> None:
                 record=record("a4", "idle"),
                 timers=(Timer("t:a4", "2030-01-01T00:00:00+00:00", "deadline", "agent", "a4"),),
             ),
-            Change("agent", "a0", expected_revision=1, state="active", record=record("a0", "active")),
+            Change("agent", "a0", expected_revision=1, state="active", record=record("a0", "active", "idle")),
         ]
         pending = asyncio.gather(*(store.apply(c) for c in changes), return_exceptions=True)
         await asyncio.sleep(0.05)

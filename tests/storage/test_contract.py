@@ -355,8 +355,10 @@ def test_verify_detects_an_edited_record(backend: Backend) -> None:
 
     result = backend.run(scenario)
     assert not result.ok
-    assert [(p.entity_id, p.seq) for p in result.problems] == [("a1", 2)]
+    # the hash gives the edit away, and the replay the chain no longer makes sense of after it
+    assert [(p.entity_id, p.seq) for p in result.problems] == [("a1", 2), ("a1", 3)]
     assert "hash does not match" in result.problems[0].problem
+    assert "source" in result.problems[1].problem and "'error'" in result.problems[1].problem
 
 
 def test_verify_detects_a_deleted_tail(backend: Backend) -> None:
@@ -370,7 +372,9 @@ def test_verify_detects_a_deleted_tail(backend: Backend) -> None:
     result = backend.run(scenario)
     assert not result.ok
     assert [(p.entity_id, p.problem) for p in result.problems] == [
-        ("a1", "entity head is at seq 3 but the chain ends at 2")
+        ("a1", "entity head is at seq 3 but the chain ends at 2"),
+        ("a1", "entity state is 'idle' but its chain replays to 'active'"),
+        ("a1", "entity revision is 3 but its chain holds 2 transitions"),
     ]
 
 

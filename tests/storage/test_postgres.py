@@ -197,7 +197,7 @@ def test_the_cli_verifies_and_exports_a_postgresql_audit(pg_url: str, tmp_path: 
         [*cli, "export", "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, timeout=60
     )
     assert exported.returncode == 0, exported.stderr
-    assert len(out.read_text().splitlines()) == 6
+    assert len(out.read_text().splitlines()) == 6 + 2 + 1  # the records, a head line per entity, the end line
     offline = subprocess.run(
         [*cli, "verify", "--file", str(out), "--json"], env=env, capture_output=True, text=True, timeout=60
     )

@@ -78,7 +78,8 @@ def v1_rows() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         ("run-c", "running", {"workflowId": "wf-a", "agentId": "other"}, T0.format(7)),
     ]
     for eid, state, data, created in runs:
-        row = list(entity_values(Entity("workflow", eid, state, 1, 0, audit.GENESIS, {}, created, created)))
+        # revision 0: no record moved them (verify compares the revision with the chain's transitions)
+        row = list(entity_values(Entity("workflow", eid, state, 0, 0, audit.GENESIS, {}, created, created)))
         row[6] = json.dumps(data)  # as version 1 wrote it: NaN as the bare word NaN
         entities.append(tuple(row))
     return entities, records

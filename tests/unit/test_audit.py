@@ -200,13 +200,13 @@ def test_replay_follows_applied_records_only() -> None:
 def test_a_chain_whose_entity_row_is_gone_is_reported() -> None:
     records = []
     prev = audit.GENESIS
-    for seq, eid in enumerate(["a", "a"], start=1):
+    for seq, (event, source, dest) in enumerate([("ready", "registered", "idle"), ("begin_task", "idle", "active")], 1):
         draft = audit.draft(
             entity_type="agent",
-            entity_id=eid,
-            event="ready",
-            source="registered",
-            dest="idle",
+            entity_id="a",
+            event=event,
+            source=source,
+            dest=dest,
             outcome="applied",
             reason=None,
             actor="t",

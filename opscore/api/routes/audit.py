@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from opscore import checkpoints
 from opscore.api.deps import Reads, ReadsAgent, StoreDep
 from opscore.api.openapi import errors
 from opscore.api.paging import AuditFiltersDep, audit_page
@@ -46,12 +47,20 @@ async def all_audit(
 
 @router.get("/audit/verify", summary="Recompute every hash chain", response_model=VerifyAnswer, responses=errors(503))
 async def verify(request: Request, store: StoreDep, caller: Reads) -> dict[str, Any]:
-    """Checks every record's hash, every `prevHash` link, gap-free `seq` and each entity's stored head.
+    """Checks every record's hash, every `prevHash` link, gap-free `seq`, each entity's stored head,
+    state and revision (the replay of its chain) and, when this server signs checkpoints, every
+    head they pinned.
 
     One verification runs at a time: callers arriving while one runs share its answer.
     """
     flight: SingleFlight[Verification] | None = getattr(request.app.state, "verification", None)
     if flight is None:
         flight = request.app.state.verification = SingleFlight()
-    result = await flight.run(store.verify)
+    runner = getattr(request.app.state, "checkpointer", None)
+
+    async def check() -> Verification:
+        signed = await runner.signed() if runner is not None else None
+        return await checkpoints.verify_database(store, signed)
+
+    result = await flight.run(check)
     return result.to_dict()

@@ -7,7 +7,7 @@
  *   the last record it received when the server ends the stream (event "end") or the connection drops.
  * - [data-action]: a button that sends the request the API documents (POST, JSON body) with the session
  *   cookie and the page's X-CSRF-Token, and shows the answer; a refusal shows the server's detail.
- * - [data-verify], [data-checkpoints]: the audit page's verification and last checkpoint.
+ * - [data-verify]: the audit page's verification (the last checkpoint is rendered by the server).
  * - img[data-diagram]: says so when the server cannot draw SVG (Graphviz missing).
  */
 "use strict";
@@ -196,25 +196,6 @@
       out.textContent = "verification could not be asked: " + e;
     }
   }
-  async function checkpoint(panel) {
-    const out = panel.querySelector(".checkpoint-result");
-    try {
-      const answer = await fetch(panel.dataset.checkpoints + "?limit=1&order=desc", { credentials: "same-origin" });
-      if (answer.status === 404) { out.textContent = "No checkpoints configured (OPSCORE_SIGNING_KEY is not set on this server)."; return; }
-      const body = await answer.json();
-      if (!answer.ok) { out.textContent = `${answer.status} ${body.code}: ${body.detail}`; return; }
-      const items = Array.isArray(body) ? body : (body.items || body.checkpoints || []);
-      const last = items.length ? items[items.length - 1] : null;
-      if (!last) { out.textContent = body.configured === false ? "No checkpoints configured." : "No checkpoint signed yet."; return; }
-      out.textContent = "";
-      const pre = document.createElement("pre");
-      pre.textContent = JSON.stringify(last, null, 2);
-      out.append(pre);
-    } catch (e) {
-      out.textContent = "checkpoints could not be asked: " + e;
-    }
-  }
-
   // -- diagrams ------------------------------------------------------------------------------------
   function watchDiagrams(root) {
     root.querySelectorAll("img[data-diagram]").forEach((img) => {
@@ -237,6 +218,5 @@
   document.querySelectorAll("[data-live]").forEach(liveRegion);
   document.querySelectorAll("tbody[data-feed]").forEach(feed);
   document.querySelectorAll("[data-verify]").forEach(verify);
-  document.querySelectorAll("[data-checkpoints]").forEach(checkpoint);
   watchDiagrams(document);
 })();
