@@ -27,6 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from opscore import audit
@@ -171,6 +172,8 @@ MIGRATIONS: dict[int, list[Migration]] = {
 }
 
 WRITER_CACHE_KIB = 64 * 1024
+READERS = 8
+"""Threads (each with its own read connection) that serve reads beside the writer (WAL)."""
 _MISSING = object()
 
 
@@ -332,6 +335,7 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._readers_pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="opscore-sqlite-read")
         self._next_id = 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
@@ -376,6 +380,7 @@ class SQLiteStore(Store):
             self._jobs.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+        await asyncio.to_thread(self._readers_pool.shutdown, wait=True, cancel_futures=True)
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
@@ -691,7 +696,17 @@ class SQLiteStore(Store):
         return conn
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        return await asyncio.to_thread(lambda: fn(self._reader()))
+        """``fn`` on this thread's read connection, in the store's own reader threads.
+
+        Their own pool, so that :meth:`close` can wait for every read in flight before it
+        closes the connections (closing one under a running query crashes the process).
+        """
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers_pool, lambda: fn(self._reader()))
+        except RuntimeError as exc:
+            if "shutdown" not in str(exc):
+                raise
+            raise Unavailable("the SQLite store is closing") from exc
 
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
         row = await self._read(
