@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,42 @@ def test_audit_list_and_tail(env: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert len(lines) == 2 and "seq 3" in lines[0] and "seq 4" in lines[1] and "rejected" in lines[1]
     as_json = [json.loads(line) for line in run(capsys, "audit", "tail", "-n", "3", "--json").out.splitlines()]
     assert len(as_json) == 3 and as_json == sorted(as_json, key=lambda r: r["id"])
+
+
+def stamp(seconds: int = 0) -> str:
+    return (datetime.now(UTC) - timedelta(minutes=1) + timedelta(seconds=seconds)).isoformat()
+
+
+def test_tail_follow_shows_a_record_reported_after_it_started(live: Live, tmp_path: Path) -> None:
+    """``opscore audit tail -f`` as a process: the last record first, then what is reported later."""
+    with live.server.client() as http:
+        http.post("/v1/opscore/agent/k-tail/state", json={"timestamp": stamp(), "state": "initializing"})
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OPSCORE_", "AGENTKIT_"))},
+        "OPSCORE_API_URL": live.url,
+        "OPSCORE_API_KEY": live.server.api_key,
+        "PYTHONPATH": str(ROOT),
+    }
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "opscore", "audit", "tail", "-f", "-n", "1", "--agent", "k-tail", "--json"],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        first = json.loads(follower.stdout.readline())
+        assert (first["entityId"], first["dest"]) == ("k-tail", "initializing")
+        with live.server.client() as http:
+            answer = http.post("/v1/opscore/agent/k-tail/state", json={"timestamp": stamp(1), "state": "idle"})
+            assert answer.status_code == 200
+        later = json.loads(follower.stdout.readline())
+        assert (later["entityId"], later["dest"], later["id"]) == ("k-tail", "idle", answer.json()["auditId"])
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=10)  # waits, and closes its pipes
 
 
 def test_audit_export_and_verify_through_the_server(env: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -369,3 +369,21 @@ def test_async_client_does_the_same(live: Live) -> None:
             assert machines[0].name == "agent"
 
     asyncio.run(scenario())
+
+
+def test_metrics_are_the_prometheus_scrape_and_move_with_a_report(ops: Client, live: Live) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def applied() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(ops.metrics())}
+        return sum(
+            s.value
+            for s in families["opscore_transitions"].samples
+            if s.name == "opscore_transitions_total" and s.labels.get("outcome") == "applied"
+        )
+
+    before = applied()
+    ops.agents.report("k-metrics", "idle")
+    assert applied() == before + 1
+    with live.client(live.reporter) as reporter, pytest.raises(errors.Forbidden):
+        reporter.metrics()  # a report-only key has no read
