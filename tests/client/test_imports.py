@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,9 +30,19 @@ SERVER_SIDE = [
 ]
 
 
+def modules_after(statement: str) -> subprocess.CompletedProcess[str]:
+    """Run ``statement`` in a fresh interpreter and print the modules it loaded.
+
+    Without coverage's environment: ``make test`` measures subprocesses, and coverage itself
+    imports ``sqlite3`` (its data file), which is not something the client loaded.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COVERAGE", "COV_CORE"))}
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_importing_the_client_loads_nothing_of_the_server() -> None:
-    code = "import json, sys, opscore.client; print(json.dumps(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = modules_after("import opscore.client")
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     bad = [m for m in loaded if any(under(m, prefix) for prefix in SERVER_SIDE)]
@@ -52,8 +63,8 @@ def test_the_client_modules_import_nothing_of_the_server(forbidden: str) -> None
 
 
 def test_the_cli_help_does_not_read_settings_or_import_the_client() -> None:
-    code = "import json, sys; from opscore import cli; print(json.dumps(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = modules_after("from opscore import cli")
+    assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
     heavy = [m for m in loaded if any(under(m, p) for p in ("opscore.client", "httpx", "pydantic", "rich", "fastapi"))]
     assert not heavy, f"opscore.cli loads {heavy} before any command runs (opscore --help must stay fast)"
