@@ -76,8 +76,8 @@ def canonical(record: dict[str, Any]) -> bytes:
     """The exact bytes DESIGN §4 hashes (``record`` must not hold ``hash``).
 
     Always ``json.dumps(record, sort_keys=True, separators=(",", ":"),
-    ensure_ascii=False).encode("utf-8")``; orjson produces them ~10x faster (0.3 against 3 µs
-    for a record) whenever :func:`_orjson_safe` holds, the stdlib otherwise.
+    ensure_ascii=False).encode("utf-8")``; orjson produces the same bytes an order of magnitude
+    faster (docs/performance.md) whenever :func:`_orjson_safe` holds, the stdlib otherwise.
     """
     if _orjson_safe(record):
         try:
@@ -393,7 +393,7 @@ def verify(
 
 
 def loads(text: str) -> Any:
-    """Parse JSON like ``json.loads``: orjson (3x faster) unless it could differ.
+    """Parse JSON like ``json.loads``: orjson (faster) unless it could differ.
 
     orjson reads integers beyond 64 bits as floats and refuses NaN: a result holding any
     float (or anything but str/int/bool/None/dict/list), or a text orjson refuses, is parsed
