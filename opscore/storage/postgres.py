@@ -553,13 +553,14 @@ class PostgresStore(Store):
 
         ``pg_xact_status`` on another connection tells committed or aborted; while it still
         says "in progress" (the server has not noticed the broken connection), its backend is
-        terminated, which settles it one way or the other. If the database cannot be asked,
+        terminated, which settles it one way or the other. While the database cannot be reached
+        (a failover), it is asked again until :data:`OUTCOME_WAIT_SECONDS` have passed; then
         the outcome stays unknown and the caller is told so (503 ``commit_outcome_unknown``).
         """
         deadline = asyncio.get_running_loop().time() + OUTCOME_WAIT_SECONDS
         terminated = False
-        try:
-            while True:
+        while True:
+            try:
                 async with self._connection() as conn:
                     row = await (await conn.execute("SELECT pg_xact_status(%s::xid8)", (attempt.xid,))).fetchone()
                     status = None if row is None else row[0]
@@ -572,11 +573,13 @@ class PostgresStore(Store):
                     if not terminated and attempt.backend_pid is not None and self.pooler != "transaction":
                         await conn.execute("SELECT pg_terminate_backend(%s)", (attempt.backend_pid,))
                         terminated = True
-                if asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-        except Unavailable:
-            pass
+            except Unavailable:
+                pass  # the database is away (a failover): ask again until the deadline
+            except StorageError:
+                break  # e.g. "transaction ID is in the future" on a server that never saw it: unknown
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         raise CommitOutcomeUnknown(
             "the connection to PostgreSQL broke during COMMIT and whether the change was committed could "
             "not be found out; retry with the same Idempotency-Key, or read the entity before retrying",
