@@ -17,12 +17,13 @@ import pytest
 
 from opscore import audit
 from opscore.config import Settings
-from opscore.errors import OpsCoreError
+from opscore.errors import OpsCoreError, Unavailable
 from opscore.models import Change, Entity
 from opscore.storage import open_store
 from opscore.storage.postgres import PostgresStore
 from tests.conftest import PG_URL
 from tests.pgbouncer import PgBouncer, pgbouncer
+from tests.storage.test_pg_commit_outcome import CuttingProxy, through
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
 
@@ -127,3 +128,33 @@ def test_the_pooler_setting_is_read_from_the_environment(monkeypatch: pytest.Mon
         Settings()
     assert PostgresStore("postgresql://x/y", pooler="transaction").connect_kwargs()["prepare_threshold"] is None
     assert "prepare_threshold" not in PostgresStore("postgresql://x/y").connect_kwargs()
+
+
+def test_a_commit_cut_between_ops_core_and_the_pooler_answers_the_truth(bouncer: tuple[PgBouncer, str]) -> None:
+    """The pid psycopg sees is PgBouncer's, so the outcome is found by ``pg_xact_status`` alone."""
+    pgb, role = bouncer
+
+    async def scenario() -> None:
+        proxy = CuttingProxy("127.0.0.1", pgb.port)
+        await proxy.start()
+        store = PostgresStore(
+            through(pgb.url(role), proxy.port, plain=True), min_size=1, max_size=2, timeout=5, pooler="transaction"
+        )
+        await store.open()
+        try:
+            await store.apply(report("cut", "registered", "idle", 0))
+            proxy.cut_after = b"COMMIT"
+            committed = await store.apply(report("cut", "idle", "active", 1))  # committed: answered so
+            assert proxy.cuts == 1 and committed.entity.revision == 2
+            proxy.cut_before = b"UPDATE entities"
+            with pytest.raises(Unavailable):
+                await store.apply(report("cut", "active", "idle", 2))
+            assert proxy.cuts == 2
+            again = await store.apply(report("cut", "active", "idle", 2))  # nothing of the cut one committed
+            assert again.entity.revision == 3
+            assert (await store.verify()).ok
+        finally:
+            await store.close()
+            await proxy.stop()
+
+    asyncio.run(scenario())
