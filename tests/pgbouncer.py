@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
@@ -40,7 +40,12 @@ class PgBouncer:
     process: subprocess.Popen[bytes] | None = None
 
     def url(self, user: str) -> str:
+        """The database in transaction mode."""
         return f"postgresql://{user}@127.0.0.1:{self.port}/{self.target[2]}"
+
+    def session_url(self, user: str) -> str:
+        """The same database through the same PgBouncer in session mode (a second entry)."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{self.target[2]}_session"
 
     def start(self, timeout: float = 10.0) -> PgBouncer:
         binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -53,6 +58,7 @@ class PgBouncer:
         config.write_text(
             "[databases]\n"
             f"{dbname} = host={host} port={port} dbname={dbname}\n"
+            f"{dbname}_session = host={host} port={port} dbname={dbname} pool_mode=session\n"
             "[pgbouncer]\n"
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {self.port}\n"
@@ -111,13 +117,6 @@ def schema_role(base_url: str) -> Iterator[str]:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(ident))
             conn.execute(sql.SQL("DROP ROLE {}").format(ident))
-
-
-def direct_url(base_url: str, user: str) -> str:
-    """``base_url`` logged in as ``user`` (straight to PostgreSQL, no pooler)."""
-    parts = urlsplit(base_url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
 @contextmanager

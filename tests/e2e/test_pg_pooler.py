@@ -4,9 +4,9 @@
 role's ``search_path``, as the URL's ``options`` parameter is refused by PgBouncer): state
 reports, batches, a workflow run, audit listings and verification from several clients at
 once answer no 5xx, and every applied report is in the chains. Checkpoints are signed
-meanwhile, their leader's session lock held over ``OPSCORE_PG_SESSION_URL`` (PostgreSQL
-directly); without that URL Ops-Core refuses to start rather than take a session lock
-through the pooler.
+meanwhile, their leader's session lock held over ``OPSCORE_PG_SESSION_URL`` (the same
+PgBouncer's second database entry, in session mode); without that URL Ops-Core refuses
+to start rather than take a session lock through the pooler.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from opscore.checkpoints import make_signing_key
 from tests.conftest import PG_URL
 from tests.e2e.test_replicas import all_records, assert_consistent, report
-from tests.pgbouncer import PgBouncer, direct_url, pgbouncer
+from tests.pgbouncer import PgBouncer, pgbouncer
 from tests.servers import Server, free_port
 from tests.simulator import Simulator
 from tests.test_workflows import EXAMPLE, settled, start
@@ -53,7 +53,7 @@ def test_a_server_behind_pgbouncer_in_transaction_mode_serves_everything(
             "OPSCORE_PG_POOLER": "transaction",
             "OPSCORE_PG_POOL_MIN": "2",
             "OPSCORE_PG_POOL_MAX": "8",  # more client connections than PgBouncer's 3 server connections
-            "OPSCORE_PG_SESSION_URL": direct_url(PG_URL, role),
+            "OPSCORE_PG_SESSION_URL": pgb.session_url(role),  # the same PgBouncer, in session mode
             "OPSCORE_SIGNING_KEY": str(private),
             "OPSCORE_CHECKPOINT_FILE": str(tmp_path / "checkpoints.jsonl"),
             "OPSCORE_CHECKPOINT_RECORDS": "20",
