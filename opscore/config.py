@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -189,6 +190,16 @@ class Settings(BaseSettings):
     pg_pool_timeout: float = Field(
         default=10.0, gt=0, validation_alias=AliasChoices("OPSCORE_PG_POOL_TIMEOUT", "pg_pool_timeout")
     )
+    pg_pooler: Literal["none", "transaction"] = Field(
+        default="none", validation_alias=AliasChoices("OPSCORE_PG_POOLER", "pg_pooler")
+    )
+    """``transaction`` when the URL reaches PostgreSQL through a pooler in transaction mode (PgBouncer's
+    ``pool_mode = transaction``): no server-side prepared statements, nothing that needs a session."""
+    pg_session_url: str = Field(
+        default="", validation_alias=AliasChoices("OPSCORE_PG_SESSION_URL", "pg_session_url"), repr=False
+    )
+    """Where the checkpoint leader holds its session lock when ``OPSCORE_PG_POOLER=transaction``: the
+    database directly, or the pooler in session mode (default: ``OPSCORE_DATABASE_URL``)."""
 
     # -- `opscore simulate` (the stand-in AgentKit) -----------------------------------------------
     simulator_agents: int = Field(
@@ -204,6 +215,16 @@ class Settings(BaseSettings):
         default="summarise_text,review_text",
         validation_alias=AliasChoices("SIMULATOR_CAPABILITIES", "simulator_capabilities"),
     )
+
+    @field_validator("pg_pooler", mode="before")
+    @classmethod
+    def _pooler(cls, value: object) -> object:
+        value = value.strip().lower() if isinstance(value, str) else value
+        if value in ("", "session"):  # a pooler in session mode keeps sessions: nothing to avoid
+            return "none"
+        if value not in ("none", "transaction"):
+            raise ValueError("OPSCORE_PG_POOLER must be none, session or transaction")
+        return value
 
     @field_validator("log_level")
     @classmethod

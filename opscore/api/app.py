@@ -272,7 +272,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("api keys", extra={"keyNames": [key.name for key in keys]})
         guard.load(conf)
         store = open_store(
-            conf.database_url, pool_min=conf.pg_pool_min, pool_max=conf.pg_pool_max, pool_timeout=conf.pg_pool_timeout
+            conf.database_url,
+            pool_min=conf.pg_pool_min,
+            pool_max=conf.pg_pool_max,
+            pool_timeout=conf.pg_pool_timeout,
+            pooler=conf.pg_pooler,
         )
         await store.open()
         engine = Engine(store, max_clock_skew=conf.max_clock_skew_seconds)

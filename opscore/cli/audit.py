@@ -225,6 +225,7 @@ async def _open_store(conf: Settings) -> Any:
         pool_min=conf.pg_pool_min,
         pool_max=conf.pg_pool_max,
         pool_timeout=conf.pg_pool_timeout,
+        pooler=conf.pg_pooler,
     )
     try:
         await store.open()

@@ -12,11 +12,13 @@ def open_store(
     pool_min: int | None = None,
     pool_max: int | None = None,
     pool_timeout: float | None = None,
+    pooler: str = "none",
 ) -> Store:
     """``sqlite:///path``, ``postgresql://…`` or ``memory://`` (tests only) → an unopened store.
 
     The ``pool_*`` sizes are PostgreSQL's (``OPSCORE_PG_POOL_*`` in ``Settings``); the other
-    backends have no pool and ignore them. ``None`` keeps the store's defaults.
+    backends have no pool and ignore them. ``None`` keeps the store's defaults. ``pooler`` is
+    ``OPSCORE_PG_POOLER`` (``"transaction"`` behind PgBouncer in transaction mode).
     """
     if url.startswith("sqlite://"):
         from opscore.storage.sqlite import SQLiteStore, path_from_url
@@ -25,7 +27,9 @@ def open_store(
     if url.startswith(("postgresql://", "postgres://")):
         from opscore.storage.postgres import PostgresStore
 
-        return PostgresStore(url, readonly=readonly, min_size=pool_min, max_size=pool_max, timeout=pool_timeout)
+        return PostgresStore(
+            url, readonly=readonly, min_size=pool_min, max_size=pool_max, timeout=pool_timeout, pooler=pooler
+        )
     if url.startswith("memory://"):
         from opscore.storage.memory import MemoryStore
 

@@ -41,6 +41,9 @@ class LostLeadership(Exception):
 class CheckpointRelay(abc.ABC):
     """Leadership and the shared copy of the lines."""
 
+    shared = True
+    """Whether replicas share it (and leadership is a database session's advisory lock)."""
+
     async def open(self) -> None:
         """Connect (nothing for a local relay)."""
 
@@ -62,6 +65,8 @@ class CheckpointRelay(abc.ABC):
 
 class LocalRelay(CheckpointRelay):
     """One process, one file: always the leader, nothing shared."""
+
+    shared = False
 
     async def lead(self) -> bool:
         return True

@@ -35,6 +35,18 @@ Pool sizes are constructor arguments, set from ``Settings`` (``OPSCORE_PG_POOL_M
 ``OPSCORE_PG_POOL_MAX``, default 10, and the wait for a free connection,
 ``OPSCORE_PG_POOL_TIMEOUT`` seconds, default 10; then the request answers 503). ``search_path`` in the URL
 (``?options=-csearch_path%3Dmyschema``) puts the tables in that schema.
+
+Behind a pooler in transaction mode (PgBouncer's ``pool_mode = transaction``,
+``OPSCORE_PG_POOLER=transaction``) each transaction may run on another server connection, so
+nothing may rely on the session: psycopg prepares no statement on the server
+(``prepare_threshold=None``; by default it prepares a query from its fifth run, and the
+next transaction on another server connection fails with "prepared statement … does not
+exist" or "… already exists"), and the backend pid psycopg reports is the pooler's, so
+:meth:`PostgresStore._settle` never terminates a backend by it. Everything else the store
+does already fits: autocommit statements or explicit transactions, transaction-scoped
+advisory locks, server-side cursors only inside transactions, no ``SET`` outside one, no
+``LISTEN``. (The checkpoint leader's session lock is not the store's: see
+:mod:`opscore.storage.checkpoint_relay`.)
 """
 
 from __future__ import annotations
@@ -354,9 +366,11 @@ class PostgresStore(Store):
         max_size: int | None = None,
         timeout: float | None = None,
         readonly: bool = False,
+        pooler: str = "none",
     ) -> None:
         self.url = url
         self.readonly = readonly
+        self.pooler = pooler
         # Sizes come from Settings (OPSCORE_PG_POOL_MIN/MAX/TIMEOUT) through open_store; never
         # from the environment here, so a configured size is the one in effect.
         self.min_size = min_size if min_size is not None else 2
@@ -374,7 +388,7 @@ class PostgresStore(Store):
             min_size=self.min_size,
             max_size=self.max_size,
             timeout=self.timeout,
-            kwargs={"autocommit": True},
+            kwargs=self.connect_kwargs(),
             open=False,
             name="opscore",
         )
@@ -389,6 +403,13 @@ class PostgresStore(Store):
         except BaseException:
             await self.close()
             raise
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """What every pooled connection is opened with; behind a transaction pooler, no prepared statements."""
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if self.pooler == "transaction":
+            kwargs["prepare_threshold"] = None
+        return kwargs
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -532,13 +553,14 @@ class PostgresStore(Store):
 
         ``pg_xact_status`` on another connection tells committed or aborted; while it still
         says "in progress" (the server has not noticed the broken connection), its backend is
-        terminated, which settles it one way or the other. If the database cannot be asked,
+        terminated, which settles it one way or the other. While the database cannot be reached
+        (a failover), it is asked again until :data:`OUTCOME_WAIT_SECONDS` have passed; then
         the outcome stays unknown and the caller is told so (503 ``commit_outcome_unknown``).
         """
         deadline = asyncio.get_running_loop().time() + OUTCOME_WAIT_SECONDS
         terminated = False
-        try:
-            while True:
+        while True:
+            try:
                 async with self._connection() as conn:
                     row = await (await conn.execute("SELECT pg_xact_status(%s::xid8)", (attempt.xid,))).fetchone()
                     status = None if row is None else row[0]
@@ -547,14 +569,17 @@ class PostgresStore(Store):
                         return True
                     if status != "in progress":
                         return False  # aborted (or so old it is forgotten, which means it never committed)
-                    if not terminated and attempt.backend_pid is not None:
+                    # behind a transaction pooler the pid is the pooler's, not a backend's: only wait
+                    if not terminated and attempt.backend_pid is not None and self.pooler != "transaction":
                         await conn.execute("SELECT pg_terminate_backend(%s)", (attempt.backend_pid,))
                         terminated = True
-                if asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-        except Unavailable:
-            pass
+            except Unavailable:
+                pass  # the database is away (a failover): ask again until the deadline
+            except StorageError:
+                break  # e.g. "transaction ID is in the future" on a server that never saw it: unknown
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         raise CommitOutcomeUnknown(
             "the connection to PostgreSQL broke during COMMIT and whether the change was committed could "
             "not be found out; retry with the same Idempotency-Key, or read the entity before retrying",

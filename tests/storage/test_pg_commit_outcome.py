@@ -97,11 +97,15 @@ class CuttingProxy:
             self.writers.discard(writer)
 
 
-def through(url: str, port: int) -> str:
+def through(url: str, port: int, *, plain: bool = False) -> str:
+    """``url`` by way of the proxy on ``port``; ``plain``: no TLS, so the proxy can read the messages."""
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)
     host = f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+    parts = parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)
+    if plain:  # a cluster with ssl = on would otherwise encrypt the messages the proxy looks for
+        parts = parts._replace(query=f"{parts.query}&sslmode=disable" if parts.query else "sslmode=disable")
+    return urlunsplit(parts)
 
 
 @pytest.fixture
@@ -117,7 +121,7 @@ async def proxied_store(url: str) -> AsyncIterator[tuple[PostgresStore, CuttingP
     parts = urlsplit(url)
     proxy = CuttingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await proxy.start()
-    store = PostgresStore(through(url, proxy.port), min_size=1, max_size=2, timeout=5)
+    store = PostgresStore(through(url, proxy.port, plain=True), min_size=1, max_size=2, timeout=5)
     await store.open()
     try:
         yield store, proxy

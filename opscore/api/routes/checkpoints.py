@@ -36,11 +36,21 @@ async def start(app: Any) -> None:
     except InvalidSigningKey as exc:
         log.critical("refusing to start", extra={"detail": str(exc), "code": "invalid_signing_key"})
         raise
+    relay_url = conf.pg_session_url.strip() or conf.database_url
+    if conf.pg_pooler == "transaction" and not conf.pg_session_url.strip() and open_relay(relay_url).shared:
+        # the leader's advisory lock lives in a session: through a transaction pooler it would
+        # stay on whichever server connection took it, held by no one and granted to anyone there
+        detail = (
+            "OPSCORE_PG_POOLER=transaction: the checkpoint leader needs a session of its own; set "
+            "OPSCORE_PG_SESSION_URL to the database directly or to the pooler in session mode"
+        )
+        log.critical("refusing to start", extra={"detail": detail, "code": "invalid_checkpoint_settings"})
+        raise InvalidCheckpointSettings(detail)
     runner = Checkpointer(
         app.state.engine.store,
         CheckpointFile(conf.checkpoint_file),
         signer,
-        relay=open_relay(conf.database_url),
+        relay=open_relay(relay_url),
         records=conf.checkpoint_records,
         seconds=conf.checkpoint_seconds,
     )
