@@ -222,6 +222,19 @@ def startup(*, runs: int = 5) -> dict[str, Any]:
     return {"median_s": statistics.median(times), "max_s": max(times), "runs": times}
 
 
+def cli_help(*, runs: int = 5) -> dict[str, Any]:
+    """Seconds ``opscore --help`` takes as a process (the CLI must feel instant: well under 0.5 s)."""
+    import subprocess
+    import sys
+
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "opscore", "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return {"best_s": min(times), "median_s": statistics.median(times), "runs": times}
+
+
 def memory(*, agents: int = 100_000) -> dict[str, Any]:
     """RSS of ``opscore serve`` after ``agents`` agents registered and moved once (registered → idle).
 

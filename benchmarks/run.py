@@ -209,6 +209,17 @@ def main() -> None:
             r["median_s"] <= 1.5,
             f"{PY} -c 'from benchmarks import http; print(http.startup())'",
         )
+    if wanted("cli"):
+        r = http.cli_help()
+        details["cli"] = r
+        row(
+            "cli",
+            "opscore --help, s (best of 5)",
+            round(r["best_s"], 2),
+            "< 0.5",
+            r["best_s"] < 0.5,
+            f"{PY} -c 'from benchmarks import http; print(http.cli_help())'",
+        )
     if wanted("postgres"):
         why = postgres_available()
         cmd = "OPSCORE_TEST_DATABASE_URL=postgresql://... python -m benchmarks.run --only postgres"

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -334,13 +333,10 @@ def test_the_process_exit_statuses_and_streams(live: Live, tmp_path: Path) -> No
     assert usage.code == 2 and "Missing argument 'STATE'" in usage.err
 
 
-def test_help_starts_fast(tmp_path: Path) -> None:
-    """``opscore --help`` imports neither the client nor the settings: well under 0.5 s."""
-    best = min(_timed(tmp_path) for _ in range(5))
-    assert best < 0.5, f"opscore --help took {best:.2f} s"
-
-
-def _timed(cwd: Path) -> float:
-    started = time.perf_counter()
-    assert opscore("--help", cwd=cwd).code == 0
-    return time.perf_counter() - started
+def test_help_answers_without_settings_or_a_server(tmp_path: Path) -> None:
+    """``opscore --help`` works with no ``.env``, no key and no server (how fast: ``make bench``,
+    row ``cli``; what it must not import: tests/client/test_imports.py)."""
+    result = opscore("--help", cwd=tmp_path)
+    assert result.code == 0
+    for group in ("agents", "runs", "definitions", "audit", "diagram", "keys", "serve", "simulate"):
+        assert group in result.out
