@@ -54,7 +54,7 @@ class Server:
         """A client holding no key."""
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
-    def start(self, timeout: float = 20.0) -> Server:
+    def start(self, timeout: float = 60.0) -> Server:
         env = {
             **os.environ,
             "OPSCORE_API_KEY": self.api_key,

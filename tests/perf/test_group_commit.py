@@ -142,7 +142,7 @@ def test_kill_9_under_load_loses_no_acknowledged_transition(sqlite_url: str, tmp
 
     async def load() -> None:
         limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=5, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30, limits=limits) as client:
             await asyncio.gather(*(agent_loop(client, f"k{i}") for i in range(48)))
 
     loader = threading.Thread(target=asyncio.run, args=(load(),))
