@@ -21,6 +21,7 @@ from opscore import __version__, console
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
+from opscore.api.fastroute import FastRoutes
 from opscore.api.routes import (
     agents,
     audit,
@@ -111,9 +112,10 @@ class Guard:
     (``scope["route"]``), never the raw path, and the key name ``caller`` left in the scope.
     """
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings) -> None:
+    def __init__(self, app: ASGIApp, settings: GuardSettings, fast: FastRoutes | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.fast = fast
         self._ids = request_ids()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,9 +167,12 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid), *echo]
             await send(message)
 
+        app = self.app
+        if self.fast is not None:  # a hot route's twin answers without the routing walk (api/fastroute.py)
+            app = self.fast.match(scope) or app
         try:
             # the server never hands over more than a declared Content-Length: count only chunked bodies
-            await self.app(scope, receive if declared else counted, send_with_id)
+            await app(scope, receive if declared else counted, send_with_id)
         finally:
             metrics = settings.metrics
             if metrics is not None:
@@ -252,8 +257,12 @@ async def stop_workflows(app: FastAPI) -> None:
     await app.state.agentkit.close()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The Ops-Core app. ``settings`` default to the environment, read at start-up, not import."""
+def create_app(settings: Settings | None = None, *, fast_routes: bool = True) -> FastAPI:
+    """The Ops-Core app. ``settings`` default to the environment, read at start-up, not import.
+
+    ``fast_routes=False`` answers the hot routes through FastAPI too (their twins off,
+    ``api/fastroute.py``): what the equivalence tests compare the twins against.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -311,7 +320,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (
+    modules = (
         health,
         agents,
         batch,
@@ -323,7 +332,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhooks,
         workflows,
         metrics_route,
-    ):
+    )
+    for module in modules:
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)
@@ -332,5 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is not None:
         guard.load(settings)
     app.state.guard = guard
-    app.add_middleware(Guard, settings=guard)
+    fast = FastRoutes.of(app, [module.router for module in modules]) if fast_routes else None
+    app.state.fast_routes = fast
+    app.add_middleware(Guard, settings=guard, fast=fast)
     return app

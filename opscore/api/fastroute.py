@@ -1,0 +1,242 @@
+"""Fast routes: a hot FastAPI route answered without FastAPI's per-request machinery.
+
+A state report spent most of its server time in the framework, not in Ops-Core: routing
+through the included routers and the middleware stack, FastAPI's dependency solver, and its
+body handling (``docs/performance.md``, "Fast routes"). For the one or two routes where that
+matters, the route keeps being declared as usual and gets a **twin**: a small coroutine that
+does what FastAPI would do for that route, in the same order, by calling the same functions.
+
+The pattern, and nothing more (``routes/agents.py`` ``report_state_fast`` is the example)::
+
+    @router.post("/agent/{agent_id}/state", ...)      # the route, as before: its OpenAPI,
+    async def report_state(agent_id: AgentId, ...):   # its handler, its dependencies
+        ...
+
+    @twin(report_state)
+    async def report_state_fast(call: Call) -> Response:
+        who = await caller(call.request)               # the route's dependencies, called by hand
+        ctx = await context(call.request, who)         # in its signature's order (FastAPI's order)
+        who = await REPORTS_AGENT(call.request, who)
+        args = call.arguments()                        # path parameters and body, validated
+        return await report_state(args["agent_id"], args["body"], ctx, call.request, who)
+
+What stays FastAPI's, so that nothing can drift:
+
+- the **declaration** (path, models, responses): ``/openapi.json`` is written from the route,
+  which stays registered; the twin only answers its requests;
+- the **validation**: :meth:`Call.arguments` runs FastAPI's own ``request_params_to_args`` and
+  ``request_body_to_args`` over the route's own fields (pydantic ``TypeAdapter``\\ s of the same
+  models), so the 422 lists are FastAPI's;
+- the **errors**: anything the twin raises goes to the app's own exception handlers
+  (``api/errors.py``), and an unexpected exception propagates to Starlette's
+  ``ServerErrorMiddleware`` exactly as from a FastAPI route;
+- the **body rules**: :class:`Call` reads the body as FastAPI's request handler does (JSON only
+  for a JSON content type, invalid JSON a ``json_invalid`` 422, an unreadable body FastAPI's 400
+  that ``api/errors.py`` turns into 422) before the twin runs, as FastAPI reads it before
+  solving dependencies.
+
+What the twin skips: the routing walk (``Guard`` asks :meth:`FastRoutes.match` first), the
+exception/exit-stack middlewares, the solver and its dependency cache, and Starlette's
+``Response.__call__``. ``Guard`` (request id, body limit, access line, metrics) runs for both.
+
+``create_app(fast_routes=False)`` serves every request through FastAPI;
+``tests/api/test_fastroute.py`` sends the same valid and hostile requests to both apps and
+requires the same status, headers and body, and the same ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import email.message
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic_core import PydanticUndefined
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+Twin = Callable[["Call"], Awaitable[Response]]
+
+_TWINS: dict[Callable[..., Any], Twin] = {}
+"""Endpoint function → its twin, filled by :func:`twin` at import."""
+
+_UNDEFINED: Any = PydanticUndefined
+"""No body (FastAPI's ``Undefined``: an absent body validates as a missing field)."""
+
+
+def twin(endpoint: Callable[..., Any]) -> Callable[[Twin], Twin]:
+    """Register the decorated coroutine as the fast twin of the FastAPI route whose handler is ``endpoint``."""
+
+    def register(fast: Twin) -> Twin:
+        _TWINS[endpoint] = fast
+        return fast
+
+    return register
+
+
+class Call:
+    """One request to a twinned route: its Starlette ``Request`` and its body, read as FastAPI reads it."""
+
+    __slots__ = ("body", "request", "route")
+
+    def __init__(self, request: Request, route: APIRoute) -> None:
+        self.request = request
+        self.route = route
+        self.body: Any = _UNDEFINED
+
+    async def read_body(self) -> None:
+        """FastAPI's request handler, body part: JSON for a JSON content type, else the raw bytes.
+
+        Raises what FastAPI raises there: ``RequestValidationError`` for invalid JSON,
+        ``HTTPException`` (the body limit's 413, or 400 for a body that is not even text).
+        """
+        request = self.request
+        try:
+            raw = await request.body()
+            if not raw:
+                return
+            content_type = request.headers.get("content-type")
+            if content_type == "application/json" or (
+                _is_json(content_type) if content_type else not _strict(self.route)
+            ):
+                self.body = json.loads(raw)
+            else:  # no content type (FastAPI's strict default) or another one: the bytes, refused by validation
+                self.body = raw
+        except json.JSONDecodeError as exc:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body", exc.pos),
+                        "msg": "JSON decode error",
+                        "input": {},
+                        "ctx": {"error": exc.msg},
+                    }
+                ],
+                body=exc.doc,
+            ) from exc
+        except HTTPException:
+            raise
+        except Exception as exc:
+            raise HTTPException(status_code=400, detail="There was an error parsing the body") from exc
+
+    def arguments(self) -> dict[str, Any]:
+        """The route's path parameters and body, validated by FastAPI over the route's own fields.
+
+        ``RequestValidationError`` with FastAPI's list of problems (path first, then body) otherwise.
+        """
+        dependant = self.route.dependant
+        values, errors = request_params_to_args(dependant.path_params, self.request.path_params)
+        if dependant.body_params:
+            body_values, body_errors = _body_to_args(dependant.body_params, self.body, self.route._embed_body_fields)
+            values.update(body_values)
+            errors.extend(body_errors)
+        if errors:
+            raise RequestValidationError(errors, body=None if self.body is _UNDEFINED else self.body)
+        return values
+
+
+def _is_json(content_type: str) -> bool:
+    """FastAPI's test of a JSON content type (``application/json``, ``application/*+json``)."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+def _strict(route: APIRoute) -> bool:
+    """Whether a body without a content type stays bytes (FastAPI's default) rather than JSON."""
+    strict = route.strict_content_type
+    return bool(strict.value if isinstance(strict, DefaultPlaceholder) else strict)
+
+
+def _body_to_args(fields: Any, body: Any, embed: bool) -> tuple[dict[str, Any], list[Any]]:
+    """``request_body_to_args`` is a coroutine only for form bodies: run it to its end without a loop."""
+    coro = request_body_to_args(body_fields=fields, received_body=body, embed_body_fields=embed)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: tuple[dict[str, Any], list[Any]] = done.value
+        return result
+    coro.close()
+    raise RuntimeError("request_body_to_args awaited: a form body has no fast twin")
+
+
+class FastRoutes:
+    """The twinned routes of one app, and the ASGI answer for a request to one of them."""
+
+    def __init__(self, app: FastAPI, routes: list[tuple[APIRoute, Twin]]) -> None:
+        self.app = app
+        self.routes = routes
+        handlers = app.exception_handlers
+        # What ExceptionMiddleware handles; a 500 stays ServerErrorMiddleware's (outside Guard).
+        self._class_handlers = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+        self._status_handlers = {k: v for k, v in handlers.items() if isinstance(k, int) and k != 500}
+        self._methods = frozenset(m for route, _ in routes for m in route.methods or ())
+
+    @classmethod
+    def of(cls, app: FastAPI, routers: list[Any]) -> FastRoutes:
+        """Every route of ``routers`` whose endpoint has a :func:`twin`, in the routers' order."""
+        found = [
+            (route, _TWINS[route.endpoint])
+            for router in routers
+            for route in router.routes
+            if isinstance(route, APIRoute) and route.endpoint in _TWINS
+        ]
+        return cls(app, found)
+
+    def match(self, scope: Scope) -> ASGIApp | None:
+        """The ASGI app answering this request when a twinned route matches it fully (scope updated)."""
+        if scope["method"] not in self._methods:
+            return None
+        for route, fast in self.routes:
+            found, child = route.matches(scope)
+            if found is Match.FULL:
+                scope.update(child)
+                return _Answer(self, route, fast)
+        return None
+
+    def handler(self, exc: Exception) -> Callable[..., Any] | None:
+        """The app's handler for ``exc``, looked up as Starlette's ``ExceptionMiddleware`` does."""
+        if isinstance(exc, HTTPException) and exc.status_code in self._status_handlers:
+            return self._status_handlers[exc.status_code]
+        for cls in type(exc).__mro__:
+            if cls in self._class_handlers:
+                return self._class_handlers[cls]
+        return None
+
+
+class _Answer:
+    """The ASGI app of one matched request: read the body, run the twin, send what it answers."""
+
+    __slots__ = ("fast", "route", "routes")
+
+    def __init__(self, routes: FastRoutes, route: APIRoute, fast: Twin) -> None:
+        self.routes, self.route, self.fast = routes, route, fast
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        call = Call(request, self.route)
+        try:
+            await call.read_body()
+            response = await self.fast(call)
+        except Exception as exc:
+            handler = self.routes.handler(exc)
+            if handler is None:
+                raise  # ServerErrorMiddleware answers 500 and logs, as for any route
+            response = await handler(request, exc)
+        if response.background is None:
+            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+        else:
+            await response(scope, receive, send)
