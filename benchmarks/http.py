@@ -98,6 +98,14 @@ def wrk(
     }
 
 
+def _load(server: _proc.Proc, prefix: str, agents: int, **kw: Any) -> dict[str, Any]:
+    """One wrk run against ``server``, with the server's CPU per request (µs, all its threads)."""
+    before = server.cpu_seconds()
+    r = wrk(server.url, server.api_key, prefix, agents, **kw)
+    r["cpu_us"] = (server.cpu_seconds() - before) / max(r["requests"], 1) * 1e6
+    return r
+
+
 CONNECTIONS = (1, 4, 16, 64)
 """The connection counts http-state sweeps: one client waiting on each answer, a few, many."""
 
@@ -135,11 +143,11 @@ def http_state(
             wrk_threads = min(threads, c)
             for n in range(rounds):
                 prefix = f"bench-{os.getpid()}-c{c}-r{n}-"
-                r = wrk(ceil.url, ceil.api_key, prefix, agents, threads=wrk_threads, connections=c, seconds=seconds)
-                runs[c]["ceiling"].append(r)
+                runs[c]["ceiling"].append(
+                    _load(ceil, prefix, agents, threads=wrk_threads, connections=c, seconds=seconds)
+                )
                 register_idle(ours, prefix, agents, datetime.now(UTC) - timedelta(seconds=1))
-                r = wrk(ours.url, ours.api_key, prefix, agents, threads=wrk_threads, connections=c, seconds=seconds)
-                runs[c]["ours"].append(r)
+                runs[c]["ours"].append(_load(ours, prefix, agents, threads=wrk_threads, connections=c, seconds=seconds))
         with open(tmp / "server.log", "rb") as fh:
             log_lines = sum(1 for _ in fh)
         with httpx.Client(base_url=ours.url, headers=ours.headers, timeout=600) as client:
@@ -162,6 +170,8 @@ def http_state(
             "ours_p99_ms": med("ours", "p99_ms"),
             "ceiling_p50_ms": med("ceiling", "p50_ms"),
             "ceiling_p99_ms": med("ceiling", "p99_ms"),
+            "ours_cpu_us": med("ours", "cpu_us"),
+            "ceiling_cpu_us": med("ceiling", "cpu_us"),
             "ours_errors": sum(r["errors"] for r in runs[c]["ours"]),
             "ceiling_errors": sum(r["errors"] for r in runs[c]["ceiling"]),
         }

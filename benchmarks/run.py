@@ -128,6 +128,14 @@ def main() -> None:
             )
             row(
                 "http-state",
+                f"c={c}: server CPU us/request ours / ceiling",
+                f"{s['ours_cpu_us']:.0f} / {s['ceiling_cpu_us']:.0f}",
+                "",
+                None,
+                cmd,
+            )
+            row(
+                "http-state",
                 f"c={c}: ceiling p50 / p99 ms",
                 f"{s['ceiling_p50_ms']:.1f} / {s['ceiling_p99_ms']:.1f}",
                 "",

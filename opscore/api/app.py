@@ -21,7 +21,7 @@ from opscore import __version__, console
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
-from opscore.api.fastroute import FastRoutes
+from opscore.api.fastroute import ANSWERED, FastRoutes
 from opscore.api.routes import (
     agents,
     audit,
@@ -112,16 +112,19 @@ class Guard:
     (``scope["route"]``), never the raw path, and the key name ``caller`` left in the scope.
     """
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings, fast: FastRoutes | None = None) -> None:
+    def __init__(self, app: ASGIApp, settings: GuardSettings) -> None:
         self.app = app
         self.settings = settings
-        self.fast = fast
         self._ids = request_ids()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.serve(scope, receive, send, self.app)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        """Guard one HTTP request answered by ``app`` (the rest of the stack, or a hot route's twin)."""
         started = time.perf_counter()
         settings = self.settings
         limit = settings.max_body_bytes
@@ -167,9 +170,6 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid), *echo]
             await send(message)
 
-        app = self.app
-        if self.fast is not None:  # a hot route's twin answers without the routing walk (api/fastroute.py)
-            app = self.fast.match(scope) or app
         try:
             # the server never hands over more than a declared Content-Length: count only chunked bodies
             await app(scope, receive if declared else counted, send_with_id)
@@ -194,6 +194,40 @@ class Guard:
             scope["opscore.client_request_id"],
             scope.get("opscore.key"),
         )
+
+
+class OpsCoreApp(FastAPI):
+    """FastAPI, with the hot routes' twins answered in front of its middleware stack (``api/fastroute.py``).
+
+    A request a twin matches goes through a :class:`Guard` of its own (same settings: request
+    id, body limit, access line, metrics) straight to the twin: FastAPI's per-request telemetry
+    check, Starlette's error and exception middlewares and the routing walk are skipped. An
+    unexpected exception is answered as ``ServerErrorMiddleware`` answers it (the app's
+    ``Exception`` handler, sent outside the guard) and re-raised for the server to log.
+    FastAPI's native telemetry does not see these requests; the access line and the metrics do.
+    """
+
+    twins: FastRoutes | None = None
+    twin_guard: Guard | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        twins = self.twins
+        if twins is not None and scope["type"] == "http":
+            if self.root_path:
+                scope["root_path"] = self.root_path
+            answer = twins.match(scope)
+            if answer is not None:
+                scope["app"] = self
+                assert self.twin_guard is not None
+                try:
+                    await self.twin_guard.serve(scope, receive, send, answer)
+                except Exception as exc:
+                    if not scope.get(ANSWERED):
+                        response = await twins.server_error(scope, exc)
+                        await response(scope, receive, send)
+                    raise
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _too_large(send: Send, limit: int, request_id: bytes) -> None:
@@ -306,7 +340,7 @@ def create_app(settings: Settings | None = None, *, fast_routes: bool = True) ->
                 await hook(app)
             await store.close()
 
-    app = FastAPI(
+    app = OpsCoreApp(
         title="Ops-Core",
         version=__version__,
         description=DESCRIPTION,
@@ -342,7 +376,9 @@ def create_app(settings: Settings | None = None, *, fast_routes: bool = True) ->
     if settings is not None:
         guard.load(settings)
     app.state.guard = guard
-    fast = FastRoutes.of(app, [module.router for module in modules]) if fast_routes else None
-    app.state.fast_routes = fast
-    app.add_middleware(Guard, settings=guard, fast=fast)
+    app.add_middleware(Guard, settings=guard)
+    if fast_routes:
+        app.twins = FastRoutes.of(app, [module.router for module in modules])
+        app.twin_guard = Guard(app, guard)  # only its serve() is used: with the twin's answer
+    app.state.fast_routes = app.twins
     return app

@@ -68,6 +68,9 @@ Twin = Callable[["Call"], Awaitable[Response]]
 _TWINS: dict[Callable[..., Any], Twin] = {}
 """Endpoint function → its twin, filled by :func:`twin` at import."""
 
+ANSWERED = "opscore.answered"
+"""Scope key set when a twin's answer starts going out (an exception after it must not answer again)."""
+
 _UNDEFINED: Any = PydanticUndefined
 """No body (FastAPI's ``Undefined``: an absent body validates as a missing field)."""
 
@@ -178,11 +181,22 @@ class FastRoutes:
     def __init__(self, app: FastAPI, routes: list[tuple[APIRoute, Twin]]) -> None:
         self.app = app
         self.routes = routes
-        handlers = app.exception_handlers
-        # What ExceptionMiddleware handles; a 500 stays ServerErrorMiddleware's (outside Guard).
-        self._class_handlers = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
-        self._status_handlers = {k: v for k, v in handlers.items() if isinstance(k, int) and k != 500}
         self._methods = frozenset(m for route, _ in routes for m in route.methods or ())
+        self._handlers: tuple[dict[Any, Any], dict[Any, Any], Any] | None = None
+
+    def _load_handlers(self) -> tuple[dict[Any, Any], dict[Any, Any], Any]:
+        """The app's exception handlers, split as Starlette splits them when it builds its stack.
+
+        Read at the first error, like Starlette's stack, which is built at the first request.
+        ``ExceptionMiddleware`` gets the class and status handlers; the ``500``/``Exception``
+        one is ``ServerErrorMiddleware``'s.
+        """
+        if self._handlers is None:
+            handlers = self.app.exception_handlers
+            by_class = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+            by_status = {k: v for k, v in handlers.items() if isinstance(k, int) and k != 500}
+            self._handlers = (by_class, by_status, handlers.get(500) or handlers.get(Exception))
+        return self._handlers
 
     @classmethod
     def of(cls, app: FastAPI, routers: list[Any]) -> FastRoutes:
@@ -196,35 +210,50 @@ class FastRoutes:
         return cls(app, found)
 
     def match(self, scope: Scope) -> ASGIApp | None:
-        """The ASGI app answering this request when a twinned route matches it fully (scope updated)."""
+        """The ASGI app answering this request when a twinned route matches it fully.
+
+        The scope gets the route and its path parameters when that app runs (as the router
+        sets them when it hands over): a request ``Guard`` refuses first is logged unrouted.
+        """
         if scope["method"] not in self._methods:
             return None
         for route, fast in self.routes:
             found, child = route.matches(scope)
             if found is Match.FULL:
-                scope.update(child)
-                return _Answer(self, route, fast)
+                return _Answer(self, route, fast, child)
         return None
+
+    async def server_error(self, scope: Scope, exc: Exception) -> Response:
+        """The answer to an unexpected exception, as Starlette's ``ServerErrorMiddleware`` makes it."""
+        handler = self._load_handlers()[2]
+        if handler is None:
+            return Response("Internal Server Error", status_code=500, media_type="text/plain")
+        response: Response = await handler(Request(scope), exc)
+        return response
 
     def handler(self, exc: Exception) -> Callable[..., Any] | None:
         """The app's handler for ``exc``, looked up as Starlette's ``ExceptionMiddleware`` does."""
-        if isinstance(exc, HTTPException) and exc.status_code in self._status_handlers:
-            return self._status_handlers[exc.status_code]
+        by_class, by_status, _ = self._load_handlers()
+        if isinstance(exc, HTTPException) and exc.status_code in by_status:
+            handler: Callable[..., Any] = by_status[exc.status_code]
+            return handler
         for cls in type(exc).__mro__:
-            if cls in self._class_handlers:
-                return self._class_handlers[cls]
+            if cls in by_class:
+                found: Callable[..., Any] = by_class[cls]
+                return found
         return None
 
 
 class _Answer:
     """The ASGI app of one matched request: read the body, run the twin, send what it answers."""
 
-    __slots__ = ("fast", "route", "routes")
+    __slots__ = ("child", "fast", "route", "routes")
 
-    def __init__(self, routes: FastRoutes, route: APIRoute, fast: Twin) -> None:
-        self.routes, self.route, self.fast = routes, route, fast
+    def __init__(self, routes: FastRoutes, route: APIRoute, fast: Twin, child: Scope) -> None:
+        self.routes, self.route, self.fast, self.child = routes, route, fast, child
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.update(self.child)
         request = Request(scope, receive)
         call = Call(request, self.route)
         try:
@@ -233,8 +262,9 @@ class _Answer:
         except Exception as exc:
             handler = self.routes.handler(exc)
             if handler is None:
-                raise  # ServerErrorMiddleware answers 500 and logs, as for any route
+                raise  # answered 500 as ServerErrorMiddleware answers it (``app.OpsCoreApp``), and logged
             response = await handler(request, exc)
+        scope[ANSWERED] = True
         if response.background is None:
             await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
             await send({"type": "http.response.body", "body": response.body})
