@@ -25,23 +25,27 @@ What stays FastAPI's, so that nothing can drift:
 - the **declaration** (path, models, responses): ``/openapi.json`` is written from the route,
   which stays registered; the twin only answers its requests;
 - the **validation**: :meth:`Call.arguments` runs FastAPI's own ``request_params_to_args`` and
-  ``request_body_to_args`` over the route's own fields (pydantic ``TypeAdapter``\\ s of the same
+  ``request_body_to_args`` over the route's own fields (pydantic ``TypeAdapter`` objects of the same
   models), so the 422 lists are FastAPI's;
 - the **errors**: anything the twin raises goes to the app's own exception handlers
-  (``api/errors.py``), and an unexpected exception propagates to Starlette's
-  ``ServerErrorMiddleware`` exactly as from a FastAPI route;
+  (``api/errors.py``), looked up as Starlette's ``ExceptionMiddleware`` looks them up; an
+  unexpected exception gets the app's 500 answer as from ``ServerErrorMiddleware`` and is
+  re-raised for the server to log;
 - the **body rules**: :class:`Call` reads the body as FastAPI's request handler does (JSON only
   for a JSON content type, invalid JSON a ``json_invalid`` 422, an unreadable body FastAPI's 400
   that ``api/errors.py`` turns into 422) before the twin runs, as FastAPI reads it before
   solving dependencies.
 
-What the twin skips: the routing walk (``Guard`` asks :meth:`FastRoutes.match` first), the
-exception/exit-stack middlewares, the solver and its dependency cache, and Starlette's
-``Response.__call__``. ``Guard`` (request id, body limit, access line, metrics) runs for both.
+What the twin skips: FastAPI's per-request telemetry check, Starlette's error and exception
+middlewares, the routing walk through the included routers, the solver and its dependency
+cache, and ``Response.__call__``. ``app.OpsCoreApp`` asks :meth:`FastRoutes.match` before
+handing a request to FastAPI, and sends a matched one through a ``Guard`` of its own (request
+id, body limit, access line, metrics: the same settings, the same code).
 
 ``create_app(fast_routes=False)`` serves every request through FastAPI;
 ``tests/api/test_fastroute.py`` sends the same valid and hostile requests to both apps and
-requires the same status, headers and body, and the same ``/openapi.json``.
+requires the same status, headers and body, the same access lines, metrics and audit chains,
+and the same ``/openapi.json``. What it measured: ``docs/performance.md``, "Fast routes".
 """
 
 from __future__ import annotations
@@ -51,14 +55,15 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, params
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -88,11 +93,13 @@ def twin(endpoint: Callable[..., Any]) -> Callable[[Twin], Twin]:
 class Call:
     """One request to a twinned route: its Starlette ``Request`` and its body, read as FastAPI reads it."""
 
-    __slots__ = ("body", "request", "route")
+    __slots__ = ("body", "plain", "request", "route")
 
-    def __init__(self, request: Request, route: APIRoute) -> None:
+    def __init__(self, request: Request, route: APIRoute, plain: bool = False) -> None:
         self.request = request
         self.route = route
+        self.plain = plain
+        """:func:`plain` of the route, worked out once per app."""
         self.body: Any = _UNDEFINED
 
     async def read_body(self) -> None:
@@ -103,7 +110,7 @@ class Call:
         """
         request = self.request
         try:
-            raw = await request.body()
+            raw = await _read(request)
             if not raw:
                 return
             content_type = request.headers.get("content-type")
@@ -137,14 +144,81 @@ class Call:
         ``RequestValidationError`` with FastAPI's list of problems (path first, then body) otherwise.
         """
         dependant = self.route.dependant
-        values, errors = request_params_to_args(dependant.path_params, self.request.path_params)
-        if dependant.body_params:
-            body_values, body_errors = _body_to_args(dependant.body_params, self.body, self.route._embed_body_fields)
-            values.update(body_values)
-            errors.extend(body_errors)
+        body_field = self.route.body_field
+        if self.plain and self.body is not _UNDEFINED and body_field is not None:
+            # What those two functions come down to for plain str path parameters and one
+            # non-embedded body model (see plain()): each field's own validate().
+            values: dict[str, Any] = {}
+            errors: list[Any] = []
+            path_params = self.request.scope["path_params"]
+            for field in dependant.path_params:
+                value, problems = field.validate(path_params[field.alias], values, loc=("path", field.alias))
+                if problems:
+                    errors.extend(problems)
+                else:
+                    values[field.name] = value
+            value, problems = body_field.validate(self.body, values, loc=("body",))
+            if problems:
+                errors.extend(problems)
+            else:
+                values[body_field.name] = value
+        else:
+            values, errors = request_params_to_args(dependant.path_params, self.request.path_params)
+            if dependant.body_params:
+                body_values, body_errors = _body_to_args(
+                    dependant.body_params, self.body, self.route._embed_body_fields
+                )
+                values.update(body_values)
+                errors.extend(body_errors)
         if errors:
             raise RequestValidationError(errors, body=None if self.body is _UNDEFINED else self.body)
         return values
+
+
+async def _read(request: Request) -> bytes:
+    """``await request.body()`` without Starlette's async-generator stream: the same bytes, cached alike.
+
+    A disconnect while reading raises ``ClientDisconnect`` as Starlette's does (FastAPI's 400).
+    """
+    receive = request.receive
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body  # what Request.body() returns from now on (deps.context reads it again)
+    return body
+
+
+def plain(route: APIRoute) -> bool:
+    """Whether FastAPI's argument functions come down to ``field.validate`` for this route.
+
+    True when every path parameter is a required ``str`` ``Path`` field read under its own
+    name and the body is one non-embedded pydantic model (no form): then
+    ``request_params_to_args`` reads ``path_params[alias]`` and validates it at
+    ``("path", alias)``, and ``request_body_to_args`` validates the parsed body at ``("body",)``.
+    """
+    dependant = route.dependant
+    body = dependant.body_params
+    return (
+        all(
+            isinstance(f.field_info, params.Path)
+            and f.field_info.annotation is str
+            and f.field_info.validation_alias is None
+            and f.field_info.is_required()
+            for f in dependant.path_params
+        )
+        and len(body) == 1
+        and not route._embed_body_fields
+        and not isinstance(body[0].field_info, params.Form)
+        and isinstance(body[0].field_info.annotation, type)
+        and issubclass(body[0].field_info.annotation, BaseModel)
+    )
 
 
 def _is_json(content_type: str) -> bool:
@@ -182,6 +256,8 @@ class FastRoutes:
         self.app = app
         self.routes = routes
         self._methods = frozenset(m for route, _ in routes for m in route.methods or ())
+        self.plain = {id(route): plain(route) for route, _ in routes}
+        """:func:`plain` of each route (by id: routes compare by value, not hashable; they live as long as this)."""
         self._handlers: tuple[dict[Any, Any], dict[Any, Any], Any] | None = None
 
     def _load_handlers(self) -> tuple[dict[Any, Any], dict[Any, Any], Any]:
@@ -255,7 +331,7 @@ class _Answer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.update(self.child)
         request = Request(scope, receive)
-        call = Call(request, self.route)
+        call = Call(request, self.route, self.routes.plain.get(id(self.route), False))
         try:
             await call.read_body()
             response = await self.fast(call)
