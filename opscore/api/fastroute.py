@@ -144,8 +144,7 @@ class Call:
         ``RequestValidationError`` with FastAPI's list of problems (path first, then body) otherwise.
         """
         dependant = self.route.dependant
-        body_field = self.route.body_field
-        if self.plain and self.body is not _UNDEFINED and body_field is not None:
+        if self.plain and self.body is not _UNDEFINED:
             # What those two functions come down to for plain str path parameters and one
             # non-embedded body model (see plain()): each field's own validate().
             values: dict[str, Any] = {}
@@ -157,6 +156,7 @@ class Call:
                     errors.extend(problems)
                 else:
                     values[field.name] = value
+            body_field = dependant.body_params[0]  # the one body model (plain())
             value, problems = body_field.validate(self.body, values, loc=("body",))
             if problems:
                 errors.extend(problems)
