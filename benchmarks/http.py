@@ -98,34 +98,56 @@ def wrk(
     }
 
 
+def _load(server: _proc.Proc, prefix: str, agents: int, **kw: Any) -> dict[str, Any]:
+    """One wrk run against ``server``, with the server's CPU per request (µs, all its threads)."""
+    before = server.cpu_seconds()
+    r = wrk(server.url, server.api_key, prefix, agents, **kw)
+    r["cpu_us"] = (server.cpu_seconds() - before) / max(r["requests"], 1) * 1e6
+    return r
+
+
+CONNECTIONS = (1, 4, 16, 64)
+"""The connection counts http-state sweeps: one client waiting on each answer, a few, many."""
+
+
 def http_state(
     *,
     rounds: int = 3,
     seconds: float = 10,
     agents: int = 4000,
-    connections: int = 64,
+    connections: tuple[int, ...] | int = CONNECTIONS,
     threads: int = 2,
     database_url: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Ours (``opscore serve``) vs the ceiling, A/B interleaved ``rounds`` times; medians."""
+    """Ours (``opscore serve``) vs the ceiling, A/B interleaved ``rounds`` times per connection count; medians.
+
+    For each count in ``connections`` the two servers are loaded in turn (ceiling, ours,
+    ceiling, ours, ...), each time on a fresh slice of agents brought to ``idle`` first. The
+    top-level ``ours_*``/``ceiling_*``/``ratio`` keys are those of the largest count; ``by_c``
+    holds every count's medians. ``env`` is added to the environment of ``opscore serve``.
+    """
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (make bench installs it with apt-get)")
+    counts = (connections,) if isinstance(connections, int) else tuple(connections)
     tmp = Path(tempfile.mkdtemp(prefix="opscore-bench-"))
     url = database_url or f"sqlite:///{tmp / 'opscore.db'}"
-    ours = _proc.opscore(url, log_path=tmp / "server.log")
+    ours = _proc.opscore(url, log_path=tmp / "server.log", **(env or {}))
     ceil = _proc.ceiling()
     ours.start()
     ceil.api_key = ours.api_key
     ceil.start()
-    runs: dict[str, list[dict[str, Any]]] = {"ceiling": [], "ours": []}
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {c: {"ceiling": [], "ours": []} for c in counts}
     try:
-        for n in range(rounds):
-            prefix = f"bench-{os.getpid()}-r{n}-"
-            r = wrk(ceil.url, ceil.api_key, prefix, agents, threads=threads, connections=connections, seconds=seconds)
-            runs["ceiling"].append(r)
-            register_idle(ours, prefix, agents, datetime.now(UTC) - timedelta(seconds=1))
-            r = wrk(ours.url, ours.api_key, prefix, agents, threads=threads, connections=connections, seconds=seconds)
-            runs["ours"].append(r)
+        for c in counts:
+            wrk_threads = min(threads, c)
+            for n in range(rounds):
+                prefix = f"bench-{os.getpid()}-c{c}-r{n}-"
+                runs[c]["ceiling"].append(
+                    _load(ceil, prefix, agents, threads=wrk_threads, connections=c, seconds=seconds)
+                )
+                register_idle(ours, prefix, agents, datetime.now(UTC) - timedelta(seconds=1))
+                runs[c]["ours"].append(_load(ours, prefix, agents, threads=wrk_threads, connections=c, seconds=seconds))
         with open(tmp / "server.log", "rb") as fh:
             log_lines = sum(1 for _ in fh)
         with httpx.Client(base_url=ours.url, headers=ours.headers, timeout=600) as client:
@@ -135,20 +157,30 @@ def http_state(
         ceil.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def med(side: str, k: str) -> float:
-        return statistics.median(r[k] for r in runs[side])
+    def summary(c: int) -> dict[str, Any]:
+        def med(side: str, k: str) -> float:
+            return statistics.median(r[k] for r in runs[c][side])
 
+        return {
+            "connections": c,
+            "ours_rps": med("ours", "rps"),
+            "ceiling_rps": med("ceiling", "rps"),
+            "ratio": med("ours", "rps") / med("ceiling", "rps"),
+            "ours_p50_ms": med("ours", "p50_ms"),
+            "ours_p99_ms": med("ours", "p99_ms"),
+            "ceiling_p50_ms": med("ceiling", "p50_ms"),
+            "ceiling_p99_ms": med("ceiling", "p99_ms"),
+            "ours_cpu_us": med("ours", "cpu_us"),
+            "ceiling_cpu_us": med("ceiling", "cpu_us"),
+            "ours_errors": sum(r["errors"] for r in runs[c]["ours"]),
+            "ceiling_errors": sum(r["errors"] for r in runs[c]["ceiling"]),
+        }
+
+    by_c = {c: summary(c) for c in counts}
     return {
-        "rounds": runs,
-        "ours_rps": med("ours", "rps"),
-        "ceiling_rps": med("ceiling", "rps"),
-        "ratio": med("ours", "rps") / med("ceiling", "rps"),
-        "ours_p50_ms": med("ours", "p50_ms"),
-        "ours_p99_ms": med("ours", "p99_ms"),
-        "ceiling_p50_ms": med("ceiling", "p50_ms"),
-        "ceiling_p99_ms": med("ceiling", "p99_ms"),
-        "ours_errors": sum(r["errors"] for r in runs["ours"]),
-        "ceiling_errors": sum(r["errors"] for r in runs["ceiling"]),
+        **by_c[max(counts)],
+        "by_c": by_c,
+        "rounds": {str(c): runs[c] for c in counts},
         "log_lines": log_lines,
         "verify_ok": verified["ok"],
         "audit_records": verified["records"],

@@ -21,6 +21,7 @@ from opscore import __version__, console
 from opscore.api import errors as api_errors
 from opscore.api import openapi
 from opscore.api.deps import document_transition_headers
+from opscore.api.fastroute import ANSWERED, FastRoutes
 from opscore.api.routes import (
     agents,
     audit,
@@ -120,6 +121,10 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.serve(scope, receive, send, self.app)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        """Guard one HTTP request answered by ``app`` (the rest of the stack, or a hot route's twin)."""
         started = time.perf_counter()
         settings = self.settings
         limit = settings.max_body_bytes
@@ -167,7 +172,7 @@ class Guard:
 
         try:
             # the server never hands over more than a declared Content-Length: count only chunked bodies
-            await self.app(scope, receive if declared else counted, send_with_id)
+            await app(scope, receive if declared else counted, send_with_id)
         finally:
             metrics = settings.metrics
             if metrics is not None:
@@ -189,6 +194,40 @@ class Guard:
             scope["opscore.client_request_id"],
             scope.get("opscore.key"),
         )
+
+
+class OpsCoreApp(FastAPI):
+    """FastAPI, with the hot routes' twins answered in front of its middleware stack (``api/fastroute.py``).
+
+    A request a twin matches goes through a :class:`Guard` of its own (same settings: request
+    id, body limit, access line, metrics) straight to the twin: FastAPI's per-request telemetry
+    check, Starlette's error and exception middlewares and the routing walk are skipped. An
+    unexpected exception is answered as ``ServerErrorMiddleware`` answers it (the app's
+    ``Exception`` handler, sent outside the guard) and re-raised for the server to log.
+    FastAPI's native telemetry does not see these requests; the access line and the metrics do.
+    """
+
+    twins: FastRoutes | None = None
+    twin_guard: Guard | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        twins = self.twins
+        if twins is not None and scope["type"] == "http":
+            if self.root_path:
+                scope["root_path"] = self.root_path
+            answer = twins.match(scope)
+            if answer is not None:
+                scope["app"] = self
+                assert self.twin_guard is not None
+                try:
+                    await self.twin_guard.serve(scope, receive, send, answer)
+                except Exception as exc:
+                    if not scope.get(ANSWERED):
+                        response = await twins.server_error(scope, exc)
+                        await response(scope, receive, send)
+                    raise
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _too_large(send: Send, limit: int, request_id: bytes) -> None:
@@ -252,8 +291,12 @@ async def stop_workflows(app: FastAPI) -> None:
     await app.state.agentkit.close()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The Ops-Core app. ``settings`` default to the environment, read at start-up, not import."""
+def create_app(settings: Settings | None = None, *, fast_routes: bool = True) -> FastAPI:
+    """The Ops-Core app. ``settings`` default to the environment, read at start-up, not import.
+
+    ``fast_routes=False`` answers the hot routes through FastAPI too (their twins off,
+    ``api/fastroute.py``): what the equivalence tests compare the twins against.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -301,7 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await hook(app)
             await store.close()
 
-    app = FastAPI(
+    app = OpsCoreApp(
         title="Ops-Core",
         version=__version__,
         description=DESCRIPTION,
@@ -315,7 +358,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup_hooks = startup_hooks
     app.state.shutdown_hooks = shutdown_hooks
     api_errors.install(app)
-    for module in (
+    modules = (
         health,
         agents,
         batch,
@@ -327,7 +370,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhooks,
         workflows,
         metrics_route,
-    ):
+    )
+    for module in modules:
         document_transition_headers(module.router)
         app.include_router(module.router)
     openapi.install(app)
@@ -337,4 +381,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         guard.load(settings)
     app.state.guard = guard
     app.add_middleware(Guard, settings=guard)
+    if fast_routes:
+        app.twins = FastRoutes.of(app, [module.router for module in modules])
+        app.twin_guard = Guard(app, guard)  # only its serve() is used: with the twin's answer
+    app.state.fast_routes = app.twins
     return app

@@ -146,9 +146,11 @@ Reads = Annotated[Caller, Depends(Permit(Scope.READ))]
 """Every GET: ``read`` (``operate`` and ``admin`` imply it)."""
 ReadsAgent = Annotated[Caller, Depends(Permit(Scope.READ, agent="agent_id"))]
 """A GET about one agent: ``read``, or ``report`` for that agent."""
-Reports = Annotated[Caller, Depends(Permit(Scope.REPORT))]
+REPORTS = Permit(Scope.REPORT)
+REPORTS_AGENT = Permit(Scope.REPORT, agent="agent_id")
+Reports = Annotated[Caller, Depends(REPORTS)]
 """Reports whose agents are in the body: the route checks each with :meth:`Caller.require_report_for`."""
-ReportsAgent = Annotated[Caller, Depends(Permit(Scope.REPORT, agent="agent_id"))]
+ReportsAgent = Annotated[Caller, Depends(REPORTS_AGENT)]
 """A state report for the agent in the path."""
 Operates = Annotated[Caller, Depends(Permit(Scope.OPERATE))]
 """Operator triggers, workflow definitions, starting and moving runs."""

@@ -9,8 +9,9 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from opscore.api.deps import EngineDep, Reports, denied
+from opscore.api.deps import REPORTS, EngineDep, Reports, caller, denied
 from opscore.api.errors import render_error, validation_body
+from opscore.api.fastroute import Call, twin
 from opscore.api.openapi import errors, example
 from opscore.api.schemas import (
     STATE_REPORT_BATCH_EXAMPLE,
@@ -87,6 +88,15 @@ async def report_states(body: StateReportBatch, request: Request, engine: Engine
     except orjson.JSONEncodeError:  # an integer beyond 64 bits somewhere: the stdlib writes it
         content = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     return Response(content, media_type="application/json")
+
+
+@twin(report_states)
+async def report_states_fast(call: Call) -> Response:
+    """``report_states`` without FastAPI's solver (``api/fastroute.py``)."""
+    request = call.request
+    who = await REPORTS(request, await caller(request))
+    args = call.arguments()
+    return await report_states(args["body"], request, request.app.state.engine, who)
 
 
 def _result(answer: TransitionResult | Replay | OpsCoreError, request_id: str | None) -> dict[str, Any]:
