@@ -64,8 +64,8 @@ def tune_gc() -> None:
     """Make the cyclic garbage collector run rarely and skip what start-up built.
 
     With the defaults (700, 10, 10) it ran every few requests and its full passes walked
-    every cached entity: 50 µs of the 275 µs CPU a state report cost under load, and most of
-    the p99 (45 → 19-37 ms). Reference counting frees nearly everything here; the rare
+    every cached entity: a sixth of a state report's CPU under load and most of its p99
+    (docs/performance.md, "Micro-costs"). Reference counting frees nearly everything here; the rare
     cycles (exceptions with tracebacks) wait for 50,000 allocations instead of 700.
     ``gc.freeze()`` moves modules, schemas and the machines out of every future pass.
     """
@@ -77,7 +77,7 @@ def tune_gc() -> None:
 def request_ids() -> itertools.count[int]:
     """A per-process counter under a random 64-bit prefix: 32 hex digits, unique like uuid4.
 
-    ``uuid4()`` reads ``os.urandom`` per request (2.6% of the server's samples under load);
+    ``uuid4()`` reads ``os.urandom`` per request (a visible share of the samples under load);
     a counter behind a random prefix is as unique and costs an addition.
     """
     return itertools.count(int.from_bytes(os.urandom(8)) << 64)

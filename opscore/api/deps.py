@@ -67,9 +67,9 @@ async def caller(request: Request) -> Caller:
     """The key of a valid bearer token; 401 otherwise (authentication only: :class:`Permit` authorises).
 
     ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread
-    pool, a hop that cost 40% of the requests/s of a bare endpoint here. The header is read
+    pool, a hop that costs a large share of a bare endpoint's throughput (docs/performance.md). The header is read
     from the request rather than declared as a ``Header`` parameter (it was hidden from the
-    schema anyway): FastAPI re-inspects every declared parameter on every request, ~10 µs each.
+    schema anyway): FastAPI re-inspects every declared parameter on every request.
     """
     authorization = request.headers.get("authorization")
     if not authorization:
@@ -203,7 +203,7 @@ async def context(request: Request, who: CallerDep) -> Context:
     """The transition context of a request: actor, If-Match, Idempotency-Key, request id.
 
     The two headers are read from the request, not declared as ``Header`` parameters: FastAPI
-    re-inspects declared parameters on every request (~8 µs each on the hottest route).
+    re-inspects declared parameters on every request (docs/performance.md, "Micro-costs").
     :func:`document_transition_headers` puts them into the schema of every route using this.
     The request id is the one ``Guard`` settled on (the client's ``X-Request-Id`` or a new one).
     """
