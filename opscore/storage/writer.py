@@ -21,7 +21,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from opscore.errors import StorageError
 
@@ -129,14 +129,10 @@ class _Item(Generic[TxT, I, R]):
         return self.run(tx, self.item)
 
 
-class _Queued(NamedTuple, Generic[TxT]):
-    step: Step[TxT]
-    future: asyncio.Future[Any]
-
-
-class _Outcome(NamedTuple):
-    result: object
-    error: BaseException | None
+_Queued = tuple[Step[TxT], "asyncio.Future[Any]"]
+"""A submitted step and the future its caller awaits (plain tuples: one per job, on the hot path)."""
+_Outcome = tuple[object, BaseException | None]
+"""What a step returned, or what it raised."""
 
 
 class GroupCommitWriter(Generic[TxT]):
@@ -187,7 +183,7 @@ class GroupCommitWriter(Generic[TxT]):
         if self._thread is None or self._loop is None:
             raise StorageError(f"the {self.name} store is not open for writing")
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._jobs.put(_Queued(step, future))
+        self._jobs.put((step, future))
         return future
 
     # -- the thread -----------------------------------------------------------------------
@@ -216,18 +212,17 @@ class GroupCommitWriter(Generic[TxT]):
     def _run_batch(self, batch: list[_Queued[TxT]]) -> None:
         """The batch in one transaction; if that fails as a whole, each job in a transaction of its own."""
         assert self._loop is not None
-        outcomes = self._transaction([queued.step for queued in batch])
+        outcomes = self._transaction([step for step, _ in batch])
         if isinstance(outcomes, Exception):
             failure = outcomes
             outcomes = []
-            for queued in batch:
-                step = queued.step
+            for step, _ in batch:
                 if isinstance(step, Many) and len(step.items) > 1:
-                    outcomes.append(_Outcome(self._isolated_items(step, failure), None))
+                    outcomes.append((self._isolated_items(step, failure), None))
                 else:
                     alone = self._transaction([step])
-                    outcomes.append(_Outcome(None, alone) if isinstance(alone, Exception) else alone[0])
-        answers = [(queued.future, *outcome) for queued, outcome in zip(batch, outcomes, strict=True)]
+                    outcomes.append((None, alone) if isinstance(alone, Exception) else alone[0])
+        answers = [(future, *outcome) for (_, future), outcome in zip(batch, outcomes, strict=True)]
         self._loop.call_soon_threadsafe(_deliver, answers)
 
     def _isolated_items(self, many: Many[TxT, Any, Any], failure: Exception) -> list[Any]:
@@ -258,11 +253,11 @@ class GroupCommitWriter(Generic[TxT]):
                 except BaseException as exc:  # noqa: BLE001 - handed to the step's caller
                     if isolated:
                         tx.rollback_savepoint()
-                    outcomes.append(_Outcome(None, exc))
+                    outcomes.append((None, exc))
                 else:
                     if isolated:
                         tx.release_savepoint()
-                    outcomes.append(_Outcome(result, None))
+                    outcomes.append((result, None))
             tx.commit()
         except BaseException as exc:  # noqa: BLE001 - nothing of this transaction is acknowledged
             failure = tx.abort(exc)
