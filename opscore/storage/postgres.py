@@ -65,6 +65,7 @@ from opscore.errors import (
     Unstorable,
 )
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
+from opscore.storage import sql
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
@@ -81,26 +82,6 @@ from opscore.storage.rows import (
     select_entities,
     timer_from_row,
 )
-from opscore.storage.sql import (
-    IDEMPOTENCY_COLUMNS,
-    SELECT_VERSION,
-    VERSION_TABLE,
-    backfill_labels,
-    definition_from_row,
-    definition_text,
-    definitions_from_rows,
-    definitions_page,
-    finish_timer,
-    idempotency_from_row,
-    insert_definition,
-    kept_definition,
-    readable_version,
-    record_version,
-    select_definition,
-    select_timers,
-    timers_from_rows,
-    versions_to_run,
-)
 
 SCHEMA_VERSION = 2
 
@@ -112,7 +93,7 @@ async def _backfill_labels(conn: Connection) -> None:
     async with conn.cursor(name="opscore_backfill") as cur:
         await cur.execute(f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ANY(%s)", (list(LABELLED),))
         while rows := await cur.fetchmany(VERIFY_CHUNK):
-            labels = backfill_labels(rows)
+            labels = sql.backfill_labels(rows)
             if labels:
                 async with conn.cursor() as writer:
                     await writer.executemany(f"INSERT INTO labels ({LABEL_COLUMNS}) VALUES (%s,%s,%s,%s,%s)", labels)
@@ -417,15 +398,15 @@ class PostgresStore(Store):
                     "no schema to create Ops-Core's tables in: the search_path names no existing schema",
                 )
             await conn.execute(_MIGRATION_LOCK)
-            await conn.execute(VERSION_TABLE)
-            row = await (await conn.execute(SELECT_VERSION)).fetchone()
-            for v in versions_to_run(row, SCHEMA_VERSION):
+            await conn.execute(sql.VERSION_TABLE)
+            row = await (await conn.execute(sql.SELECT_VERSION)).fetchone()
+            for v in sql.versions_to_run(row, SCHEMA_VERSION):
                 for step in MIGRATIONS[v]:
                     if isinstance(step, str):
                         await conn.execute(step)
                     else:
                         await step(conn)
-            recorded = record_version(POSTGRES, row, SCHEMA_VERSION)
+            recorded = sql.record_version(POSTGRES, row, SCHEMA_VERSION)
             if recorded is not None:
                 await conn.execute(*recorded)
         return SCHEMA_VERSION
@@ -434,10 +415,10 @@ class PostgresStore(Store):
         """For a process that only reads (``opscore audit verify``): no DDL, refuse unknown schemas."""
         async with self._connection() as conn:
             try:
-                row = await (await conn.execute(SELECT_VERSION)).fetchone()
+                row = await (await conn.execute(sql.SELECT_VERSION)).fetchone()
             except pg_errors.UndefinedTable as exc:
                 raise NotOpsCore(f"not an Ops-Core database: {exc}") from exc
-        self._version = readable_version(row, SCHEMA_VERSION)
+        self._version = sql.readable_version(row, SCHEMA_VERSION)
         return self._version
 
     @asynccontextmanager
@@ -658,12 +639,12 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             row = await (
                 await conn.execute(
-                    f"SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency WHERE scope = %s AND key = %s "
+                    f"SELECT {sql.IDEMPOTENCY_COLUMNS} FROM idempotency WHERE scope = %s AND key = %s "
                     "AND created >= clock_timestamp() - make_interval(secs => %s)",
                     (scope, key, IDEMPOTENCY_TTL),
                 )
             ).fetchone()
-        return idempotency_from_row(scope, key, row)
+        return sql.idempotency_from_row(scope, key, row)
 
     async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
         async with self._connection() as conn:
@@ -689,23 +670,23 @@ class PostgresStore(Store):
     # -- workflows --------------------------------------------------------------------------
 
     async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
-        text = definition_text(body)
+        text = sql.definition_text(body)
         async with self._connection() as conn, conn.transaction():
-            cur = await conn.execute(*insert_definition(POSTGRES, definition_id, version, text))
+            cur = await conn.execute(*sql.insert_definition(POSTGRES, definition_id, version, text))
             if cur.rowcount == 1:
                 return True
-            row = await (await conn.execute(*select_definition(POSTGRES, definition_id, version))).fetchone()
-        return kept_definition(row, text, definition_id, version)
+            row = await (await conn.execute(*sql.select_definition(POSTGRES, definition_id, version))).fetchone()
+        return sql.kept_definition(row, text, definition_id, version)
 
     async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
         async with self._connection() as conn:
-            row = await (await conn.execute(*select_definition(POSTGRES, definition_id, version))).fetchone()
-        return definition_from_row(row)
+            row = await (await conn.execute(*sql.select_definition(POSTGRES, definition_id, version))).fetchone()
+        return sql.definition_from_row(row)
 
     async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
         async with self._connection() as conn:
-            rows = await (await conn.execute(*definitions_page(POSTGRES, after, limit))).fetchall()
-        return definitions_from_rows(rows)
+            rows = await (await conn.execute(*sql.definitions_page(POSTGRES, after, limit))).fetchall()
+        return sql.definitions_from_rows(rows)
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
         """Lease due timers; ``SKIP LOCKED`` lets replicas claim side by side, each timer once."""
@@ -723,9 +704,9 @@ class PostgresStore(Store):
 
     async def finish_timer(self, key: str) -> None:
         async with self._connection() as conn:
-            await conn.execute(*finish_timer(POSTGRES, key))
+            await conn.execute(*sql.finish_timer(POSTGRES, key))
 
     async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
         async with self._connection() as conn:
-            rows = await (await conn.execute(*select_timers(POSTGRES, entity_type, entity_id))).fetchall()
-        return timers_from_rows(rows)
+            rows = await (await conn.execute(*sql.select_timers(POSTGRES, entity_type, entity_id))).fetchall()
+        return sql.timers_from_rows(rows)

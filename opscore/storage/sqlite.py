@@ -32,6 +32,7 @@ from typing import Any, Final, TypeVar
 from opscore import audit
 from opscore.errors import DatabaseInUse, IdempotencyKeyInUse, NotOpsCore, StorageError, Unavailable
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
+from opscore.storage import sql
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
@@ -46,26 +47,6 @@ from opscore.storage.rows import (
     select_audit,
     select_entities,
     timer_from_row,
-)
-from opscore.storage.sql import (
-    IDEMPOTENCY_COLUMNS,
-    SELECT_VERSION,
-    VERSION_TABLE,
-    backfill_labels,
-    definition_from_row,
-    definition_text,
-    definitions_from_rows,
-    definitions_page,
-    finish_timer,
-    idempotency_from_row,
-    insert_definition,
-    kept_definition,
-    readable_version,
-    record_version,
-    select_definition,
-    select_timers,
-    timers_from_rows,
-    versions_to_run,
 )
 from opscore.storage.writer import GroupCommitWriter, Mode
 
@@ -87,7 +68,7 @@ def _backfill_labels(conn: sqlite3.Connection) -> None:
         ).fetchall()
         if not rows:
             return
-        _write_rows(conn, _UPSERT_LABELS_HEAD, 5, backfill_labels(rows), _UPSERT_LABELS_TAIL)
+        _write_rows(conn, _UPSERT_LABELS_HEAD, 5, sql.backfill_labels(rows), _UPSERT_LABELS_TAIL)
         last = (rows[-1][0], rows[-1][1])
 
 
@@ -223,15 +204,15 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to :data:`SCHEMA_VERSION`; refuse a newer one. Returns the version."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute(VERSION_TABLE)
-        row = conn.execute(SELECT_VERSION).fetchone()
-        for v in versions_to_run(row, SCHEMA_VERSION):
+        conn.execute(sql.VERSION_TABLE)
+        row = conn.execute(sql.SELECT_VERSION).fetchone()
+        for v in sql.versions_to_run(row, SCHEMA_VERSION):
             for step in MIGRATIONS[v]:
                 if isinstance(step, str):
                     conn.execute(step)
                 else:
                     step(conn)
-        recorded = record_version(SQLITE, row, SCHEMA_VERSION)
+        recorded = sql.record_version(SQLITE, row, SCHEMA_VERSION)
         if recorded is not None:
             conn.execute(*recorded)
         conn.execute("COMMIT")
@@ -244,10 +225,10 @@ def migrate(conn: sqlite3.Connection) -> int:
 def check_version(conn: sqlite3.Connection) -> int:
     """The schema version of a database this process will only read; refuse unknown ones."""
     try:
-        row = conn.execute(SELECT_VERSION).fetchone()
+        row = conn.execute(sql.SELECT_VERSION).fetchone()
     except sqlite3.OperationalError as exc:
         raise NotOpsCore(f"not an Ops-Core database: {exc}") from exc
-    return readable_version(row, SCHEMA_VERSION)
+    return sql.readable_version(row, SCHEMA_VERSION)
 
 
 _ROWS_PER_STATEMENT = 64
@@ -616,11 +597,11 @@ class SQLiteStore(Store):
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
         row = await self._read(
             lambda c: c.execute(
-                f"SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency WHERE scope=? AND key=? AND created >= ?",
+                f"SELECT {sql.IDEMPOTENCY_COLUMNS} FROM idempotency WHERE scope=? AND key=? AND created >= ?",
                 (scope, key, time.time() - IDEMPOTENCY_TTL),
             ).fetchone()
         )
-        return idempotency_from_row(scope, key, row)
+        return sql.idempotency_from_row(scope, key, row)
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
         sql, params = select_entities(query, SQLITE)
@@ -693,23 +674,23 @@ class SQLiteStore(Store):
     # -- workflows --------------------------------------------------------------------------
 
     async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
-        text = definition_text(body)
+        text = sql.definition_text(body)
 
         def job(tx: _Batch) -> bool:
-            if tx.conn.execute(*insert_definition(SQLITE, definition_id, version, text)).rowcount == 1:
+            if tx.conn.execute(*sql.insert_definition(SQLITE, definition_id, version, text)).rowcount == 1:
                 return True
-            row = tx.conn.execute(*select_definition(SQLITE, definition_id, version)).fetchone()
-            return kept_definition(row, text, definition_id, version)
+            row = tx.conn.execute(*sql.select_definition(SQLITE, definition_id, version)).fetchone()
+            return sql.kept_definition(row, text, definition_id, version)
 
         return await self._write(job)
 
     async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
-        sql, params = select_definition(SQLITE, definition_id, version)
-        return definition_from_row(await self._read(lambda c: c.execute(sql, params).fetchone()))
+        statement = sql.select_definition(SQLITE, definition_id, version)
+        return sql.definition_from_row(await self._read(lambda c: c.execute(*statement).fetchone()))
 
     async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        sql, params = definitions_page(SQLITE, after, limit)
-        return definitions_from_rows(await self._read(lambda c: c.execute(sql, params).fetchall()))
+        statement = sql.definitions_page(SQLITE, after, limit)
+        return sql.definitions_from_rows(await self._read(lambda c: c.execute(*statement).fetchall()))
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
         def job(tx: _Batch) -> list[Timer]:
@@ -726,9 +707,9 @@ class SQLiteStore(Store):
         return await self._write(job)
 
     async def finish_timer(self, key: str) -> None:
-        sql, params = finish_timer(SQLITE, key)
-        await self._write(lambda tx: tx.conn.execute(sql, params))
+        statement = sql.finish_timer(SQLITE, key)
+        await self._write(lambda tx: tx.conn.execute(*statement))
 
     async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
-        sql, params = select_timers(SQLITE, entity_type, entity_id)
-        return timers_from_rows(await self._read(lambda c: c.execute(sql, params).fetchall()))
+        statement = sql.select_timers(SQLITE, entity_type, entity_id)
+        return sql.timers_from_rows(await self._read(lambda c: c.execute(*statement).fetchall()))
