@@ -338,7 +338,6 @@ class SQLiteStore(Store):
     def __init__(self, path: str, *, max_batch: int = 512, cache_size: int = 250_000, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self.max_batch = max_batch
         self.cache_size = cache_size
         self._cache: dict[tuple[str, str], Entity | None] = {}
         self._writer = GroupCommitWriter(functools.partial(_Batch, self), max_batch=max_batch, name="SQLite")

@@ -77,7 +77,7 @@ class Step(Protocol[TxT_contra]):
     def __call__(self, tx: TxT_contra, /) -> object: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job(Generic[TxT, R]):
     """``run(tx)``; what it returns or raises is its caller's answer."""
 
@@ -88,7 +88,7 @@ class Job(Generic[TxT, R]):
         return self.run(tx)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Many(Generic[TxT, I, R]):
     """``run(tx, item)`` for each plain item, answered together: each item's result or the exception that refused it.
 
@@ -114,7 +114,7 @@ class Many(Generic[TxT, I, R]):
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Item(Generic[TxT, I, R]):
     """One item of a :class:`Many`, run in a transaction of its own after its batch failed."""
 
