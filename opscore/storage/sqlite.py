@@ -417,15 +417,18 @@ class SQLiteStore(Store):
         staged[key] = entity
         return entity
 
-    def _apply_sync(self, tx: _Batch, change: Change) -> Committed:
-        """``change`` in the writer's transaction: plain changes add deferred rows, the others run SQL now."""
+    def _apply_sync(self, tx: _Batch, change: Change, *, plain: bool) -> Committed:
+        """``change`` in the writer's transaction: a ``plain`` one adds deferred rows, the others run SQL now.
+
+        ``plain`` must be exact: a change with SQL of its own runs in a SAVEPOINT, and rows it
+        deferred would outlive that SAVEPOINT's rollback.
+        """
         conn = tx.conn
         key = (change.entity_type, change.entity_id)
         current = self._load(tx, key)
         record_id = self._next_id if change.record is not None else None
         new, record, created = next_entity(current, change, now=utc_now(), record_id=record_id)
         deferred = tx.deferred
-        plain = _is_plain(change)
         if record is not None:
             row = (
                 record["id"],
@@ -520,8 +523,9 @@ class SQLiteStore(Store):
         return found
 
     async def apply(self, change: Change) -> Committed:
-        mode = Mode.PLAIN if _is_plain(change) else Mode.SAVEPOINT
-        return await self._writer.submit(functools.partial(self._apply_sync, change=change), mode)
+        plain = _is_plain(change)
+        job = functools.partial(self._apply_sync, change=change, plain=plain)
+        return await self._writer.submit(job, Mode.PLAIN if plain else Mode.SAVEPOINT)
 
     async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
         """Plain changes go as ONE job with one future (a :class:`~opscore.storage.writer.Many`); the rest one job each.
@@ -536,8 +540,9 @@ class SQLiteStore(Store):
             if _is_plain(change):
                 plain.append(n)
             else:
-                futures.append((n, self._write(functools.partial(self._apply_sync, change=change))))
-        together = self._writer.submit_many(self._apply_sync, [changes[n] for n in plain]) if plain else None
+                futures.append((n, self._write(functools.partial(self._apply_sync, change=change, plain=False))))
+        apply_plain = functools.partial(self._apply_sync, plain=True)
+        together = self._writer.submit_many(apply_plain, [changes[n] for n in plain]) if plain else None
         for n, future in futures:
             try:
                 out[n] = await future

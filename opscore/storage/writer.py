@@ -63,45 +63,32 @@ class Transaction(Protocol):
 
 
 TxT = TypeVar("TxT", bound=Transaction)
-TxT_contra = TypeVar("TxT_contra", bound=Transaction, contravariant=True)
 R = TypeVar("R")
 I = TypeVar("I")  # noqa: E741 - an item of a Many
 
 
-class Step(Protocol[TxT_contra]):
-    """What runs inside a transaction: a :class:`Job`, a :class:`Many`, or one item of a Many."""
-
-    @property
-    def mode(self) -> Mode: ...
-
-    def __call__(self, tx: TxT_contra, /) -> object: ...
-
-
 @dataclass(slots=True)
-class Job(Generic[TxT, R]):
-    """``run(tx)``; what it returns or raises is its caller's answer."""
+class Job(Generic[TxT]):
+    """What the writer runs: ``run(tx)``, isolated from the other jobs of its transaction as ``mode`` says.
 
-    run: Callable[[TxT], R]
+    What ``run`` returns or raises is its caller's answer.
+    """
+
+    run: Callable[[TxT], object]
     mode: Mode
-
-    def __call__(self, tx: TxT, /) -> R:
-        return self.run(tx)
 
 
 @dataclass(slots=True)
 class Many(Generic[TxT, I, R]):
     """``run(tx, item)`` for each plain item, answered together: each item's result or the exception that refused it.
 
-    Each item raises before changing anything or succeeds (:attr:`Mode.PLAIN`), so a refused
-    one is answered in its place and the others go on, with no SAVEPOINT and one future.
+    The ``run`` of a :attr:`Mode.PLAIN` job. Each item raises before changing anything or
+    succeeds, so a refused one is answered in its place and the others go on, with no
+    SAVEPOINT and one future; if the transaction fails as a whole, each item is retried alone.
     """
 
     run: Callable[[TxT, I], R]
     items: Sequence[I]
-
-    @property
-    def mode(self) -> Mode:
-        return Mode.PLAIN
 
     def __call__(self, tx: TxT, /) -> list[R | Exception]:
         out: list[R | Exception] = []
@@ -121,18 +108,14 @@ class _Item(Generic[TxT, I, R]):
     run: Callable[[TxT, I], R]
     item: I
 
-    @property
-    def mode(self) -> Mode:
-        return Mode.PLAIN
-
     def __call__(self, tx: TxT, /) -> R:
         return self.run(tx, self.item)
 
 
-_Queued = tuple[Step[TxT], "asyncio.Future[Any]"]
-"""A submitted step and the future its caller awaits (plain tuples: one per job, on the hot path)."""
+_Queued = tuple[Job[TxT], "asyncio.Future[Any]"]
+"""A job and the future its caller awaits (a plain tuple: one per job, on the hot path)."""
 _Outcome = tuple[object, BaseException | None]
-"""What a step returned, or what it raised."""
+"""What a job returned, or what it raised."""
 
 
 class GroupCommitWriter(Generic[TxT]):
@@ -173,18 +156,16 @@ class GroupCommitWriter(Generic[TxT]):
 
     def submit(self, run: Callable[[TxT], R], mode: Mode) -> asyncio.Future[R]:
         """Queue ``run``; the future resolves after the transaction that ran it committed."""
-        return self._queue(Job(run, mode))
+        loop = self._loop
+        if self._thread is None or loop is None:
+            raise StorageError(f"the {self.name} store is not open for writing")
+        future: asyncio.Future[R] = loop.create_future()
+        self._jobs.put((Job(run, mode), future))
+        return future
 
     def submit_many(self, run: Callable[[TxT, I], R], items: Sequence[I]) -> asyncio.Future[list[R | Exception]]:
         """Queue the plain ``items`` as one job (:class:`Many`): one future, one answer per item."""
-        return self._queue(Many(run, items))
-
-    def _queue(self, step: Step[TxT]) -> asyncio.Future[Any]:
-        if self._thread is None or self._loop is None:
-            raise StorageError(f"the {self.name} store is not open for writing")
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._jobs.put((step, future))
-        return future
+        return self.submit(Many(run, items), Mode.PLAIN)
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -212,15 +193,15 @@ class GroupCommitWriter(Generic[TxT]):
     def _run_batch(self, batch: list[_Queued[TxT]]) -> None:
         """The batch in one transaction; if that fails as a whole, each job in a transaction of its own."""
         assert self._loop is not None
-        outcomes = self._transaction([step for step, _ in batch])
+        outcomes = self._transaction([job for job, _ in batch])
         if isinstance(outcomes, Exception):
             failure = outcomes
             outcomes = []
-            for step, _ in batch:
-                if isinstance(step, Many) and len(step.items) > 1:
-                    outcomes.append((self._isolated_items(step, failure), None))
+            for job, _ in batch:
+                if isinstance(job.run, Many) and len(job.run.items) > 1:
+                    outcomes.append((self._isolated_items(job.run, failure), None))
                 else:
-                    alone = self._transaction([step])
+                    alone = self._transaction([job])
                     outcomes.append((None, alone) if isinstance(alone, Exception) else alone[0])
         answers = [(future, *outcome) for (_, future), outcome in zip(batch, outcomes, strict=True)]
         self._loop.call_soon_threadsafe(_deliver, answers)
@@ -229,7 +210,7 @@ class GroupCommitWriter(Generic[TxT]):
         """The items of a Many, each committed (or refused) in a transaction of its own."""
         answers: list[Any] = []
         for item in many.items:
-            alone = self._transaction([_Item(many.run, item)])
+            alone = self._transaction([Job(_Item(many.run, item), Mode.PLAIN)])
             if isinstance(alone, Exception):
                 answers.append(alone)
                 continue
@@ -237,20 +218,20 @@ class GroupCommitWriter(Generic[TxT]):
             answers.append(result if error is None else error if isinstance(error, Exception) else failure)
         return answers
 
-    def _transaction(self, steps: Sequence[Step[TxT]]) -> list[_Outcome] | Exception:
-        """Every step in ONE transaction: each step's outcome, or the failure if it did not commit."""
-        writes = any(step.mode is not Mode.READ for step in steps)
+    def _transaction(self, jobs: Sequence[Job[TxT]]) -> list[_Outcome] | Exception:
+        """Every job in ONE transaction: each job's outcome, or the failure if it did not commit."""
+        writes = any(job.mode is not Mode.READ for job in jobs)
         tx = self._transaction_of(writes)
         outcomes: list[_Outcome] = []
         try:
             tx.begin()
-            for step in steps:
-                isolated = step.mode is Mode.SAVEPOINT
+            for job in jobs:
+                isolated = job.mode is Mode.SAVEPOINT
                 if isolated:
                     tx.savepoint()
                 try:
-                    result = step(tx)
-                except BaseException as exc:  # noqa: BLE001 - handed to the step's caller
+                    result = job.run(tx)
+                except BaseException as exc:  # noqa: BLE001 - handed to the job's caller
                     if isolated:
                         tx.rollback_savepoint()
                     outcomes.append((None, exc))
@@ -261,10 +242,10 @@ class GroupCommitWriter(Generic[TxT]):
             tx.commit()
         except BaseException as exc:  # noqa: BLE001 - nothing of this transaction is acknowledged
             failure = tx.abort(exc)
-            log.error(f"{self.name} transaction failed", extra={"jobs": len(steps), "error": repr(exc)})
+            log.error(f"{self.name} transaction failed", extra={"jobs": len(jobs), "error": repr(exc)})
             return failure
         self.batches += 1
-        self.batched += len(steps)
+        self.batched += len(jobs)
         return outcomes
 
 
