@@ -10,7 +10,7 @@ import collections
 import sys
 
 cats = [  # first match from the leaf upwards wins
-    ("sqlite writer thread: SQL, seal, rows", ["opscore-sqlite-writer", "_writer_main"]),
+    ("sqlite writer thread: SQL, seal, rows", ["opscore-sqlite-writer", "storage/writer.py"]),
     ("log writer thread", ["BackgroundHandler._run"]),
     ("audit log line (format, LogRecord, enqueue)", ["Engine._emit"]),
     ("engine: fsm decision", ["Fsm.fire", "decide"]),

@@ -67,20 +67,18 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from opscore import audit
 from opscore.errors import (
     CommitOutcomeUnknown,
-    DefinitionExists,
     IdempotencyKeyInUse,
     NoSchema,
     NotOpsCore,
     RevisionConflict,
-    SchemaMismatch,
-    SchemaTooNew,
     StorageError,
     Unavailable,
     UnknownEntity,
     Unstorable,
 )
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
-from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
+from opscore.storage import sql
+from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     LABEL_COLUMNS,
@@ -107,18 +105,10 @@ async def _backfill_labels(conn: Connection) -> None:
     async with conn.cursor(name="opscore_backfill") as cur:
         await cur.execute(f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = ANY(%s)", (list(LABELLED),))
         while rows := await cur.fetchmany(VERIFY_CHUNK):
-            labels = [label for row in rows for label in label_rows(None, _legacy_entity(row))]
+            labels = sql.backfill_labels(rows)
             if labels:
                 async with conn.cursor() as writer:
                     await writer.executemany(f"INSERT INTO labels ({LABEL_COLUMNS}) VALUES (%s,%s,%s,%s,%s)", labels)
-
-
-def _legacy_entity(row: tuple[Any, ...]) -> Entity:
-    """An entity row of any age; data that no longer parses labels only its state."""
-    try:
-        return entity_from_row(row)
-    except ValueError:
-        return entity_from_row((*row[:6], "{}", *row[7:11], "{}"))
 
 
 Migration = str | Callable[[Connection], Awaitable[None]]
@@ -429,40 +419,28 @@ class PostgresStore(Store):
                     "no schema to create Ops-Core's tables in: the search_path names no existing schema",
                 )
             await conn.execute(_MIGRATION_LOCK)
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-            row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"the database has schema version {version}, newer than this Ops-Core knows "
-                    f"({SCHEMA_VERSION}): upgrade Ops-Core instead of downgrading the data",
-                )
-            for v in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute(sql.VERSION_TABLE)
+            row = await (await conn.execute(sql.SELECT_VERSION)).fetchone()
+            for v in sql.versions_to_run(row, SCHEMA_VERSION):
                 for step in MIGRATIONS[v]:
                     if isinstance(step, str):
                         await conn.execute(step)
                     else:
                         await step(conn)
-            if row is None:
-                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-            elif version != SCHEMA_VERSION:
-                await conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            recorded = sql.record_version(POSTGRES, row, SCHEMA_VERSION)
+            if recorded is not None:
+                await conn.execute(*recorded)
         return SCHEMA_VERSION
 
     async def check_version(self) -> int:
         """For a process that only reads (``opscore audit verify``): no DDL, refuse unknown schemas."""
         async with self._connection() as conn:
             try:
-                row = await (await conn.execute("SELECT version FROM schema_version")).fetchone()
+                row = await (await conn.execute(sql.SELECT_VERSION)).fetchone()
             except pg_errors.UndefinedTable as exc:
                 raise NotOpsCore(f"not an Ops-Core database: {exc}") from exc
-        version = int(row[0]) if row else 0
-        if not 1 <= version <= SCHEMA_VERSION:  # an older schema is read as it is: a reader never migrates
-            raise SchemaMismatch(
-                f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
-            )
-        self._version = version
-        return version
+        self._version = sql.readable_version(row, SCHEMA_VERSION)
+        return self._version
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
@@ -686,14 +664,12 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             row = await (
                 await conn.execute(
-                    "SELECT fingerprint, status, body FROM idempotency WHERE scope = %s AND key = %s "
+                    f"SELECT {sql.IDEMPOTENCY_COLUMNS} FROM idempotency WHERE scope = %s AND key = %s "
                     "AND created >= clock_timestamp() - make_interval(secs => %s)",
                     (scope, key, IDEMPOTENCY_TTL),
                 )
             ).fetchone()
-        if row is None:
-            return None
-        return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
+        return sql.idempotency_from_row(scope, key, row)
 
     async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
         async with self._connection() as conn:
@@ -719,45 +695,23 @@ class PostgresStore(Store):
     # -- workflows --------------------------------------------------------------------------
 
     async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
-        text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+        text = sql.definition_text(body)
         async with self._connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                "INSERT INTO definitions (definition_id, version, body, created_at) VALUES (%s,%s,%s,%s) "
-                "ON CONFLICT (definition_id, version) DO NOTHING",
-                (definition_id, version, text, utc_now()),
-            )
+            cur = await conn.execute(*sql.insert_definition(POSTGRES, definition_id, version, text))
             if cur.rowcount == 1:
                 return True
-            row = await (
-                await conn.execute(
-                    "SELECT body FROM definitions WHERE definition_id = %s AND version = %s", (definition_id, version)
-                )
-            ).fetchone()
-        if row is not None and row[0] != text:
-            raise DefinitionExists(definition_id, version)
-        return False
+            row = await (await conn.execute(*sql.select_definition(POSTGRES, definition_id, version))).fetchone()
+        return sql.kept_definition(row, text, definition_id, version)
 
     async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
         async with self._connection() as conn:
-            if version is None:
-                cur = await conn.execute(
-                    "SELECT body FROM definitions WHERE definition_id = %s ORDER BY n DESC LIMIT 1", (definition_id,)
-                )
-            else:
-                cur = await conn.execute(
-                    "SELECT body FROM definitions WHERE definition_id = %s AND version = %s", (definition_id, version)
-                )
-            row = await cur.fetchone()
-        return None if row is None else json.loads(row[0])
+            row = await (await conn.execute(*sql.select_definition(POSTGRES, definition_id, version))).fetchone()
+        return sql.definition_from_row(row)
 
     async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
         async with self._connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT n, body FROM definitions WHERE n > %s ORDER BY n LIMIT %s", (after or 0, limit)
-                )
-            ).fetchall()
-        return [(int(r[0]), json.loads(r[1])) for r in rows]
+            rows = await (await conn.execute(*sql.definitions_page(POSTGRES, after, limit))).fetchall()
+        return sql.definitions_from_rows(rows)
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
         """Lease due timers; ``SKIP LOCKED`` lets replicas claim side by side, each timer once."""
@@ -775,18 +729,9 @@ class PostgresStore(Store):
 
     async def finish_timer(self, key: str) -> None:
         async with self._connection() as conn:
-            await conn.execute("DELETE FROM timers WHERE key = %s", (key,))
+            await conn.execute(*sql.finish_timer(POSTGRES, key))
 
     async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
-        sql = [f"SELECT {TIMER_COLUMNS} FROM timers WHERE TRUE"]
-        params: list[Any] = []
-        if entity_type is not None:
-            sql.append("AND entity_type = %s")
-            params.append(entity_type)
-        if entity_id is not None:
-            sql.append("AND entity_id = %s")
-            params.append(entity_id)
-        sql.append("ORDER BY due_at, key")
         async with self._connection() as conn:
-            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
-        return [timer_from_row(r) for r in rows]
+            rows = await (await conn.execute(*sql.select_timers(POSTGRES, entity_type, entity_id))).fetchall()
+        return sql.timers_from_rows(rows)

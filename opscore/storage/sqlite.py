@@ -1,16 +1,17 @@
 """SQLite store: stdlib ``sqlite3``, WAL, ``synchronous=FULL``, group commit.
 
-One writer thread owns the only write connection. Callers on the event loop queue their
-:class:`Change` and await a future; the writer takes everything queued (up to
-``max_batch``), applies each change inside its own SAVEPOINT (so one refused change does not
-undo the others) and commits the batch with one fsync. A future is resolved only after that
-COMMIT returned, so an acknowledged transition is on disk: durability is what
-``synchronous=FULL`` gives a single commit; throughput comes from sharing the fsync.
+Every write is a job of the store's :class:`~opscore.storage.writer.GroupCommitWriter`: one
+thread owns the only write connection and commits everything queued in one transaction,
+with one fsync; a caller's future resolves only after that COMMIT returned, so an
+acknowledged transition is on disk. This module holds the SQL the writer drives: the
+schema, one :class:`_Batch` per transaction (``BEGIN IMMEDIATE``, a SAVEPOINT for a job that
+writes as it goes, the deferred rows of plain changes), the changes themselves and the reads.
 
-The writer is the only writer of the file (a lock file keeps a second server out), so it
-keeps the entities it has seen in a cache that is updated only after a commit succeeds; the
-event loop answers entity reads from it without a thread hop. Everything else is read
-through per-thread read connections in worker threads, which WAL lets run beside the writer.
+The writer is the only writer of the file (a lock file keeps a second server out), so the
+store keeps the entities it has seen in a cache that is updated only after a commit
+succeeds; the event loop answers entity reads from it without a thread hop. Everything else
+is read through per-thread read connections in the store's own reader threads, which WAL
+lets run beside the writer.
 """
 
 from __future__ import annotations
@@ -20,29 +21,18 @@ import contextlib
 import fcntl
 import functools
 import json
-import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from opscore import audit
-from opscore.errors import (
-    DatabaseInUse,
-    DefinitionExists,
-    IdempotencyKeyInUse,
-    NotOpsCore,
-    OpsCoreError,
-    SchemaMismatch,
-    SchemaTooNew,
-    StorageError,
-    Unavailable,
-)
+from opscore.errors import DatabaseInUse, IdempotencyKeyInUse, NotOpsCore, StorageError, Unavailable
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
+from opscore.storage import sql
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
@@ -58,12 +48,15 @@ from opscore.storage.rows import (
     select_entities,
     timer_from_row,
 )
+from opscore.storage.writer import GroupCommitWriter, Mode
 
 SCHEMA_VERSION = 2
 
+R = TypeVar("R")
+
 
 def _backfill_labels(conn: sqlite3.Connection) -> None:
-    """Label every existing entity of a labelled type (schema 2): read in Python, never with SQL JSON."""
+    """Label every existing entity of a labelled type (schema 2), a page of entity rows at a time."""
     types = list(LABELLED)
     marks = ",".join("?" * len(types))
     last: tuple[str, str] = ("", "")
@@ -75,17 +68,8 @@ def _backfill_labels(conn: sqlite3.Connection) -> None:
         ).fetchall()
         if not rows:
             return
-        labels = [label for row in rows for label in label_rows(None, _legacy_entity(row))]
-        _write_rows(conn, _UPSERT_LABELS_HEAD, 5, labels, _UPSERT_LABELS_TAIL)
+        _write_rows(conn, _UPSERT_LABELS_HEAD, 5, sql.backfill_labels(rows), _UPSERT_LABELS_TAIL)
         last = (rows[-1][0], rows[-1][1])
-
-
-def _legacy_entity(row: tuple[Any, ...]) -> Entity:
-    """An entity row of any age; data that no longer parses labels only its state."""
-    try:
-        return entity_from_row(row)
-    except ValueError:
-        return entity_from_row((*row[:6], "{}", *row[7:11], "{}"))
 
 
 Migration = str | Callable[[sqlite3.Connection], None]
@@ -174,7 +158,8 @@ MIGRATIONS: dict[int, list[Migration]] = {
 WRITER_CACHE_KIB = 64 * 1024
 READERS = 8
 """Threads (each with its own read connection) that serve reads beside the writer (WAL)."""
-_MISSING = object()
+_MISSING: Final = Entity("", "", "")
+"""Not in the cache (an entity no store holds, told apart by identity; ``None`` caches "no such entity")."""
 
 
 def path_from_url(url: str) -> str:
@@ -219,24 +204,17 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema to :data:`SCHEMA_VERSION`; refuse a newer one. Returns the version."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM schema_version").fetchone()
-        version = row[0] if row else 0
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"the database has schema version {version}, newer than this Ops-Core knows "
-                f"({SCHEMA_VERSION}): upgrade Ops-Core instead of downgrading the data",
-            )
-        for v in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute(sql.VERSION_TABLE)
+        row = conn.execute(sql.SELECT_VERSION).fetchone()
+        for v in sql.versions_to_run(row, SCHEMA_VERSION):
             for step in MIGRATIONS[v]:
                 if isinstance(step, str):
                     conn.execute(step)
                 else:
                     step(conn)
-        if row is None:
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        else:
-            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        recorded = sql.record_version(SQLITE, row, SCHEMA_VERSION)
+        if recorded is not None:
+            conn.execute(*recorded)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -245,43 +223,26 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 def check_version(conn: sqlite3.Connection) -> int:
-    """The schema version of a database this process will only read; refuse unknown ones.
-
-    An older version is read as it is (a reader never migrates): what ``opscore audit
-    verify``/``export`` read has not changed since version 1.
-    """
+    """The schema version of a database this process will only read; refuse unknown ones."""
     try:
-        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        row = conn.execute(sql.SELECT_VERSION).fetchone()
     except sqlite3.OperationalError as exc:
         raise NotOpsCore(f"not an Ops-Core database: {exc}") from exc
-    version = int(row[0]) if row else 0
-    if not 1 <= version <= SCHEMA_VERSION:
-        raise SchemaMismatch(
-            f"the database has schema version {version}; this Ops-Core reads {SCHEMA_VERSION}",
-        )
-    return version
+    return sql.readable_version(row, SCHEMA_VERSION)
 
-
-_Job = tuple[Callable[[sqlite3.Connection, dict[tuple[str, str], Entity | None]], Any], "asyncio.Future[Any]", bool]
 
 _ROWS_PER_STATEMENT = 64
-
-log = logging.getLogger("opscore.storage")
-
-
-class _NoFuture:
-    """Stands in for a future where a job's answer is collected, not delivered (:meth:`_isolated_many`)."""
-
-    def done(self) -> bool:
-        return True
-
-
-_NO_FUTURE: Any = _NoFuture()
 
 
 def _multi_row(head: str, width: int, rows: int, tail: str = "") -> str:
     one = "(" + ",".join("?" * width) + ")"
     return f"{head} VALUES {','.join([one] * rows)} {tail}"
+
+
+def _write_rows(conn: sqlite3.Connection, head: str, width: int, rows: list[tuple[Any, ...]], tail: str) -> None:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        conn.execute(_multi_row(head, width, len(chunk), tail), [v for row in chunk for v in row])
 
 
 class _Deferred:
@@ -291,8 +252,8 @@ class _Deferred:
     loop (up to the 5 ms switch interval each time): four statements per transition
     (SAVEPOINT, INSERT, UPSERT, RELEASE) made the writer crawl under load. A plain change
     (no idempotency answer, no timers) is decided entirely in Python, so it needs no
-    savepoint: it either raises before touching anything or adds its rows here; the rows
-    go out as multi-row INSERTs of 64, a handful of statements per batch.
+    savepoint (:attr:`Mode.PLAIN`): it either raises before touching anything or adds its
+    rows here; the rows go out as multi-row INSERTs of 64, a handful of statements per batch.
     """
 
     __slots__ = ("audit", "entities", "labels")
@@ -313,10 +274,62 @@ class _Deferred:
         self.entities.clear()
 
 
-def _write_rows(conn: sqlite3.Connection, head: str, width: int, rows: list[tuple[Any, ...]], tail: str) -> None:
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(_multi_row(head, width, len(chunk), tail), [v for row in chunk for v in row])
+class _Batch:
+    """One transaction of the writer (its :class:`~opscore.storage.writer.Transaction`), and what its jobs see.
+
+    ``staged`` holds the entities its jobs read or wrote; they reach the store's cache only
+    when :meth:`commit` returned, so the cache never holds what did not commit.
+    """
+
+    __slots__ = ("conn", "deferred", "first_id", "staged", "store", "writes")
+
+    def __init__(self, store: SQLiteStore, writes: bool) -> None:
+        assert store._wconn is not None
+        self.store = store
+        self.conn = store._wconn
+        self.writes = writes
+        self.staged: dict[tuple[str, str], Entity | None] = {}
+        self.deferred = _Deferred()
+        self.first_id = store._next_id
+
+    def begin(self) -> None:
+        if self.writes:
+            self.conn.execute("BEGIN IMMEDIATE")
+
+    def savepoint(self) -> None:
+        self.deferred.write(self.conn)  # rows of earlier plain jobs first: this job may read or overwrite them
+        self.conn.execute("SAVEPOINT job")
+
+    def rollback_savepoint(self) -> None:
+        self.conn.execute("ROLLBACK TO job")
+        self.conn.execute("RELEASE job")
+
+    def release_savepoint(self) -> None:
+        self.conn.execute("RELEASE job")
+
+    def commit(self) -> None:
+        if self.writes:
+            self.deferred.write(self.conn)
+            self.conn.execute("COMMIT")
+        store, staged = self.store, self.staged
+        if len(store._cache) + len(staged) > store.cache_size:
+            store._cache.clear()
+        store._cache.update(staged)
+        if self.writes and staged:  # entities were written: a real change committed (a timer claim proves little)
+            store.last_write_error = None
+
+    def abort(self, exc: BaseException) -> Exception:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("ROLLBACK")
+        self.store._next_id = self.first_id
+        if self.writes:
+            self.store.write_failed(str(exc))
+        return StorageError(f"the SQLite commit failed: {exc}")
+
+
+def _is_plain(change: Change) -> bool:
+    """No SQL of its own before COMMIT (no idempotency answer, no timers): see :class:`_Deferred`."""
+    return change.idempotency is None and not change.timers and not change.cancel_timers
 
 
 class SQLiteStore(Store):
@@ -325,11 +338,9 @@ class SQLiteStore(Store):
     def __init__(self, path: str, *, max_batch: int = 512, cache_size: int = 250_000, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self.max_batch = max_batch
         self.cache_size = cache_size
         self._cache: dict[tuple[str, str], Entity | None] = {}
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._writer = GroupCommitWriter(functools.partial(_Batch, self), max_batch=max_batch, name="SQLite")
         self._wconn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._local = threading.local()
@@ -337,23 +348,26 @@ class SQLiteStore(Store):
         self._readers_lock = threading.Lock()
         self._readers_pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="opscore-sqlite-read")
         self._next_id = 1
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.batches = 0
-        self.batched = 0
-        self._deferred = _Deferred()
-        self._failure = StorageError("the SQLite commit failed")
         self._version = SCHEMA_VERSION
+
+    @property
+    def batches(self) -> int:
+        """Transactions the writer committed."""
+        return self._writer.batches
+
+    @property
+    def batched(self) -> int:
+        """Jobs those transactions ran (``batched / batches`` is the mean group commit)."""
+        return self._writer.batched
 
     # -- life cycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
         """Take the file (lock, migrate) and start the writer; read-only: only check the schema."""
-        self._loop = asyncio.get_running_loop()
         if self.readonly:
             self._version = await self._read(check_version)
             return
         await asyncio.to_thread(self._open_sync)
-        self._writer = threading.Thread(target=self._writer_main, name="opscore-sqlite-writer", daemon=True)
         self._writer.start()
 
     def _open_sync(self) -> None:
@@ -376,10 +390,8 @@ class SQLiteStore(Store):
         self._wconn = conn
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._jobs.put(None)
-            await asyncio.to_thread(self._writer.join)
-            self._writer = None
+        """Let the writer finish what is queued and wait for every read in flight, then close the connections."""
+        await asyncio.to_thread(self._writer.stop)
         await asyncio.to_thread(self._readers_pool.shutdown, wait=True, cancel_futures=True)
         with self._readers_lock:
             for conn in self._readers:
@@ -392,147 +404,31 @@ class SQLiteStore(Store):
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # -- the writer -----------------------------------------------------------------------
+    # -- writes (jobs of the writer) --------------------------------------------------------
 
-    def _submit(
-        self,
-        fn: Callable[[sqlite3.Connection, dict[tuple[str, str], Entity | None]], Any],
-        *,
-        writes: bool,
-    ) -> asyncio.Future[Any]:
-        """Queue a job. ``writes`` gives it a SAVEPOINT; plain changes (``_plain``) need none."""
-        if self._writer is None or self._loop is None:
-            raise StorageError("the SQLite store is not open for writing")
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._jobs.put((fn, future, writes))
-        return future
-
-    def _writer_main(self) -> None:
-        jobs = self._jobs
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
-            if stop:
-                return
-
-    def _run_batch(self, batch: list[_Job]) -> None:
-        """Run the batch in one transaction; if that fails as a whole, run each job on its own.
-
-        A job that raises is answered alone (SAVEPOINT or no write yet), so the usual failure
-        is already isolated. What fails the whole transaction (a row the database refuses
-        when the deferred rows are written, the COMMIT itself) gives no culprit, so the batch
-        is rolled back and every job runs again in a transaction of its own: a change that
-        cannot be stored fails alone, and every other client's change still commits.
-        """
-        assert self._loop is not None
-        outcomes = self._transaction(batch)
-        if outcomes is None:
-            outcomes = []
-            for job in batch:
-                if isinstance(job[0], _PlainMany) and len(job[0].changes) > 1:
-                    outcomes.append((job[1], self._isolated_many(job[0]), None))
-                else:
-                    alone = self._transaction([job])
-                    outcomes.extend(alone if alone is not None else [(job[1], None, self._failure)])
-        self._loop.call_soon_threadsafe(_deliver, outcomes)
-
-    def _isolated_many(self, many: _PlainMany) -> list[Committed | Exception]:
-        """The changes of a batch job, each committed (or refused) in a transaction of its own."""
-        answers: list[Committed | Exception] = []
-        for change in many.changes:
-            result = self._transaction([(_PlainChange(many.apply, change), _NO_FUTURE, False)])
-            if result is None:
-                answers.append(self._failure)
-            else:
-                answer, exc = result[0][1], result[0][2]
-                answers.append(answer if exc is None else exc if isinstance(exc, Exception) else self._failure)
-        return answers
-
-    def _transaction(self, batch: list[_Job]) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]] | None:
-        """Every job of ``batch`` in ONE transaction: each job's outcome, or ``None`` if it did not commit."""
-        conn = self._wconn
-        assert conn is not None
-        staged: dict[tuple[str, str], Entity | None] = {}
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        writes = any(job[2] or isinstance(job[0], (_PlainChange, _PlainMany)) for job in batch)
-        first_id = self._next_id
-        deferred = self._deferred
-        try:
-            if writes:
-                conn.execute("BEGIN IMMEDIATE")
-            for fn, future, job_writes in batch:
-                if job_writes:
-                    deferred.write(conn)  # rows of earlier plain jobs first: this job may read or overwrite them
-                    conn.execute("SAVEPOINT job")
-                try:
-                    result = fn(conn, staged)
-                except BaseException as exc:  # noqa: BLE001 - handed to the job's caller
-                    if job_writes:
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                    outcomes.append((future, None, exc))
-                else:
-                    if job_writes:
-                        conn.execute("RELEASE job")
-                    outcomes.append((future, result, None))
-            if writes:
-                deferred.write(conn)
-                conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001 - nothing of this transaction is acknowledged
-            deferred.audit.clear()
-            deferred.entities.clear()
-            deferred.labels.clear()
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._next_id = first_id
-            self._failure = StorageError(f"the SQLite commit failed: {exc}")
-            if writes:
-                self.write_failed(str(exc))
-            log.error("SQLite transaction failed", extra={"jobs": len(batch), "error": repr(exc)})
-            return None
-        if len(self._cache) + len(staged) > self.cache_size:
-            self._cache.clear()
-        self._cache.update(staged)
-        if writes and staged:  # entities were written: a real change committed (a timer claim proves little)
-            self.last_write_error = None
-        self.batches += 1
-        self.batched += len(batch)
-        return outcomes
-
-    def _load(
-        self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None], key: tuple[str, str]
-    ) -> Entity | None:
+    def _load(self, tx: _Batch, key: tuple[str, str]) -> Entity | None:
+        staged = tx.staged
         if key in staged:
             return staged[key]
         if key in self._cache:
             return self._cache[key]
-        row = conn.execute(f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type=? AND entity_id=?", key).fetchone()
+        row = tx.conn.execute(_SELECT_ENTITY, key).fetchone()
         entity = None if row is None else entity_from_row(row)
         staged[key] = entity
         return entity
 
-    def _apply_sync(
-        self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None], change: Change
-    ) -> Committed:
+    def _apply_sync(self, tx: _Batch, change: Change, *, plain: bool) -> Committed:
+        """``change`` in the writer's transaction: a ``plain`` one adds deferred rows, the others run SQL now.
+
+        ``plain`` must be exact: a change with SQL of its own runs in a SAVEPOINT, and rows it
+        deferred would outlive that SAVEPOINT's rollback.
+        """
+        conn = tx.conn
         key = (change.entity_type, change.entity_id)
-        current = self._load(conn, staged, key)
+        current = self._load(tx, key)
         record_id = self._next_id if change.record is not None else None
         new, record, created = next_entity(current, change, now=utc_now(), record_id=record_id)
-        deferred = self._deferred
-        plain = change.idempotency is None and not change.timers and not change.cancel_timers
+        deferred = tx.deferred
         if record is not None:
             row = (
                 record["id"],
@@ -576,8 +472,12 @@ class SQLiteStore(Store):
             )
         if record is not None:
             self._next_id += 1
-        staged[key] = new
+        tx.staged[key] = new
         return Committed(new, record, created)
+
+    def _write(self, job: Callable[[_Batch], R]) -> asyncio.Future[R]:
+        """A job that writes as it goes: its own SAVEPOINT in the writer's transaction."""
+        return self._writer.submit(job, Mode.SAVEPOINT)
 
     # -- the port ---------------------------------------------------------------------------
 
@@ -590,11 +490,11 @@ class SQLiteStore(Store):
     async def probe_write(self) -> None:
         """A real commit through the writer (``UPDATE schema_version`` to itself): a full disk fails it."""
 
-        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> None:
-            conn.execute("UPDATE schema_version SET version = version")
+        def job(tx: _Batch) -> None:
+            tx.conn.execute("UPDATE schema_version SET version = version")
 
         try:
-            await self._submit(job, writes=True)
+            await self._write(job)
         except StorageError as exc:
             raise Unavailable(f"SQLite cannot commit: {self.last_write_error or exc.detail}") from exc
 
@@ -602,11 +502,11 @@ class SQLiteStore(Store):
         key = (entity_type, entity_id)
         cached = self._cache.get(key, _MISSING)
         if cached is not _MISSING:
-            return cached  # type: ignore[return-value]
+            return cached
         if self.readonly:
             row = await self._read(lambda c: c.execute(_SELECT_ENTITY, key).fetchone())
             return None if row is None else entity_from_row(row)
-        return await self._submit(lambda conn, staged: self._load(conn, staged, key), writes=False)  # type: ignore[no-any-return]
+        return await self._writer.submit(lambda tx: self._load(tx, key), Mode.READ)
 
     async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
         """From the cache; the ones it lacks are read by ONE writer job (one hop, not one each)."""
@@ -617,41 +517,32 @@ class SQLiteStore(Store):
             if self.readonly:
                 loaded = [await self.get(*key) for key in missing]
             else:
-                loaded = await self._submit(
-                    lambda conn, staged: [self._load(conn, staged, key) for key in missing], writes=False
-                )
+                loaded = await self._writer.submit(lambda tx: [self._load(tx, key) for key in missing], Mode.READ)
             fill = iter(loaded)
             found = [next(fill) if e is _MISSING else e for e in found]
-        return found  # type: ignore[return-value]
-
-    def _job(self, change: Change) -> tuple[Callable[..., Committed], bool]:
-        """The writer's job for ``change`` and whether it needs a SAVEPOINT (not when plain)."""
-        if change.idempotency is None and not change.timers and not change.cancel_timers:
-            return _PlainChange(self._apply_sync, change), False
-        return functools.partial(self._apply_sync, change=change), True
+        return found
 
     async def apply(self, change: Change) -> Committed:
-        fn, savepoint = self._job(change)
-        return await self._submit(fn, writes=savepoint)  # type: ignore[no-any-return]
+        plain = _is_plain(change)
+        job = functools.partial(self._apply_sync, change=change, plain=plain)
+        return await self._writer.submit(job, Mode.PLAIN if plain else Mode.SAVEPOINT)
 
     async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
-        """Plain changes go as ONE job with one future (:class:`_PlainMany`); the rest one job each.
+        """Plain changes go as ONE job with one future (a :class:`~opscore.storage.writer.Many`); the rest one job each.
 
         All of them reach the writer together, so they share its group commit, and every
         future resolves after that COMMIT, as for :meth:`apply`.
         """
-        out: list[Committed | Exception | None] = [None] * len(changes)
+        out: dict[int, Committed | Exception] = {}
         plain: list[int] = []
-        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        futures: list[tuple[int, asyncio.Future[Committed]]] = []
         for n, change in enumerate(changes):
-            fn, savepoint = self._job(change)
-            if savepoint:
-                futures.append((n, self._submit(fn, writes=True)))
-            else:
+            if _is_plain(change):
                 plain.append(n)
-        together = (
-            self._submit(_PlainMany(self._apply_sync, [changes[n] for n in plain]), writes=False) if plain else None
-        )
+            else:
+                futures.append((n, self._write(functools.partial(self._apply_sync, change=change, plain=False))))
+        apply_plain = functools.partial(self._apply_sync, plain=True)
+        together = self._writer.submit_many(apply_plain, [changes[n] for n in plain]) if plain else None
         for n, future in futures:
             try:
                 out[n] = await future
@@ -664,25 +555,24 @@ class SQLiteStore(Store):
                 answers = [exc] * len(plain)
             for n, answer in zip(plain, answers, strict=True):
                 out[n] = answer
-        return out  # type: ignore[return-value]
+        return [out[n] for n in range(len(changes))]
 
     async def remember_signature(self, signature: str, seen_at: float, window: float) -> bool:
-        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> bool:
-            conn.execute("DELETE FROM webhook_signatures WHERE seen < ?", (time.time() - 2 * window,))
+        def job(tx: _Batch) -> bool:
+            tx.conn.execute("DELETE FROM webhook_signatures WHERE seen < ?", (time.time() - 2 * window,))
             try:
-                conn.execute("INSERT INTO webhook_signatures (signature, seen) VALUES (?, ?)", (signature, seen_at))
+                tx.conn.execute("INSERT INTO webhook_signatures (signature, seen) VALUES (?, ?)", (signature, seen_at))
             except sqlite3.IntegrityError:
                 return False
             return True
 
-        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+        return await self._write(job)
 
     async def purge_idempotency(self, older_than: float = IDEMPOTENCY_TTL) -> int:
+        def job(tx: _Batch) -> int:
+            return tx.conn.execute("DELETE FROM idempotency WHERE created < ?", (time.time() - older_than,)).rowcount
 
-        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> int:
-            return conn.execute("DELETE FROM idempotency WHERE created < ?", (time.time() - older_than,)).rowcount
-
-        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+        return await self._write(job)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -695,7 +585,7 @@ class SQLiteStore(Store):
                 self._readers.append(conn)
         return conn
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _read(self, fn: Callable[[sqlite3.Connection], R]) -> R:
         """``fn`` on this thread's read connection, in the store's own reader threads.
 
         Their own pool, so that :meth:`close` can wait for every read in flight before it
@@ -711,13 +601,11 @@ class SQLiteStore(Store):
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyEntry | None:
         row = await self._read(
             lambda c: c.execute(
-                "SELECT fingerprint, status, body FROM idempotency WHERE scope=? AND key=? AND created >= ?",
+                f"SELECT {sql.IDEMPOTENCY_COLUMNS} FROM idempotency WHERE scope=? AND key=? AND created >= ?",
                 (scope, key, time.time() - IDEMPOTENCY_TTL),
             ).fetchone()
         )
-        if row is None:
-            return None
-        return IdempotencyEntry(scope, key, row[0], row[1], json.loads(row[2]))
+        return sql.idempotency_from_row(scope, key, row)
 
     async def list_entities(self, query: EntityQuery) -> list[Entity]:
         sql, params = select_entities(query, SQLITE)
@@ -757,7 +645,7 @@ class SQLiteStore(Store):
                 result: Position | None = done.value
                 return result
 
-        return await self._read(run)  # type: ignore[no-any-return]
+        return await self._read(run)
 
     def iter_records(self, conn: sqlite3.Connection, chunk: int = 10_000) -> Iterator[dict[str, Any]]:
         """Every audit record in id order (which is ``seq`` order within each entity)."""
@@ -785,126 +673,47 @@ class SQLiteStore(Store):
         return verifier.finish()
 
     async def verify(self, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
-        return await self._read(lambda conn: self.verify_sync(conn, verifier))  # type: ignore[no-any-return]
+        return await self._read(lambda conn: self.verify_sync(conn, verifier))
 
     # -- workflows --------------------------------------------------------------------------
 
     async def put_definition(self, definition_id: str, version: str, body: dict[str, Any]) -> bool:
-        text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+        text = sql.definition_text(body)
 
-        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> bool:
-            row = conn.execute(
-                "SELECT body FROM definitions WHERE definition_id = ? AND version = ?", (definition_id, version)
-            ).fetchone()
-            if row is not None:
-                if row[0] != text:
-                    raise DefinitionExists(definition_id, version)
-                return False
-            conn.execute(
-                "INSERT INTO definitions (definition_id, version, body, created_at) VALUES (?,?,?,?)",
-                (definition_id, version, text, utc_now()),
-            )
-            return True
+        def job(tx: _Batch) -> bool:
+            if tx.conn.execute(*sql.insert_definition(SQLITE, definition_id, version, text)).rowcount == 1:
+                return True
+            row = tx.conn.execute(*sql.select_definition(SQLITE, definition_id, version)).fetchone()
+            return sql.kept_definition(row, text, definition_id, version)
 
-        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+        return await self._write(job)
 
     async def get_definition(self, definition_id: str, version: str | None = None) -> dict[str, Any] | None:
-        if version is None:
-            sql, params = _LATEST_DEFINITION, [definition_id]
-        else:
-            sql, params = _ONE_DEFINITION, [definition_id, version]
-        row = await self._read(lambda c: c.execute(sql, params).fetchone())
-        return None if row is None else json.loads(row[0])
+        statement = sql.select_definition(SQLITE, definition_id, version)
+        return sql.definition_from_row(await self._read(lambda c: c.execute(*statement).fetchone()))
 
     async def definitions_page(self, after: int | None, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        rows = await self._read(
-            lambda c: c.execute(
-                "SELECT n, body FROM definitions WHERE n > ? ORDER BY n LIMIT ?", (after or 0, limit)
-            ).fetchall()
-        )
-        return [(int(r[0]), json.loads(r[1])) for r in rows]
+        statement = sql.definitions_page(SQLITE, after, limit)
+        return sql.definitions_from_rows(await self._read(lambda c: c.execute(*statement).fetchall()))
 
     async def claim_timers(self, now: str, limit: int, lease_seconds: float) -> list[Timer]:
-        def job(conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> list[Timer]:
+        def job(tx: _Batch) -> list[Timer]:
             clock = time.time()
-            rows = conn.execute(
+            rows = tx.conn.execute(
                 f"SELECT {TIMER_COLUMNS} FROM timers WHERE due_at <= ? AND lease_until <= ? ORDER BY due_at LIMIT ?",
                 (now, clock, limit),
             ).fetchall()
-            conn.executemany(
+            tx.conn.executemany(
                 "UPDATE timers SET lease_until = ? WHERE key = ?", [(clock + lease_seconds, r[0]) for r in rows]
             )
             return [timer_from_row(r) for r in rows]
 
-        return await self._submit(job, writes=True)  # type: ignore[no-any-return]
+        return await self._write(job)
 
     async def finish_timer(self, key: str) -> None:
-        await self._submit(lambda conn, staged: conn.execute("DELETE FROM timers WHERE key = ?", (key,)), writes=True)
+        statement = sql.finish_timer(SQLITE, key)
+        await self._write(lambda tx: tx.conn.execute(*statement))
 
     async def list_timers(self, entity_type: str | None = None, entity_id: str | None = None) -> list[Timer]:
-        sql = [f"SELECT {TIMER_COLUMNS} FROM timers WHERE 1=1"]
-        params: list[Any] = []
-        if entity_type is not None:
-            sql.append("AND entity_type = ?")
-            params.append(entity_type)
-        if entity_id is not None:
-            sql.append("AND entity_id = ?")
-            params.append(entity_id)
-        sql.append("ORDER BY due_at")
-        rows = await self._read(lambda c: c.execute(" ".join(sql), params).fetchall())
-        return [timer_from_row(r) for r in rows]
-
-
-_LATEST_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ? ORDER BY n DESC LIMIT 1"
-_ONE_DEFINITION = "SELECT body FROM definitions WHERE definition_id = ? AND version = ?"
-
-
-class _PlainChange:
-    """A job applying a change with no SQL of its own before COMMIT (see :class:`_Deferred`).
-
-    It raises before changing anything or succeeds, so it runs without a SAVEPOINT.
-    """
-
-    __slots__ = ("apply", "change")
-
-    def __init__(self, apply: Callable[..., Committed], change: Change) -> None:
-        self.apply = apply
-        self.change = change
-
-    def __call__(self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]) -> Committed:
-        return self.apply(conn, staged, self.change)
-
-
-class _PlainMany:
-    """Plain changes of one :meth:`SQLiteStore.apply_many`: one job, one future, one answer each.
-
-    Like :class:`_PlainChange`, each change raises before changing anything or succeeds, so
-    a refused one is answered in its place and the others go on, with no SAVEPOINT.
-    """
-
-    __slots__ = ("apply", "changes")
-
-    def __init__(self, apply: Callable[..., Committed], changes: list[Change]) -> None:
-        self.apply = apply
-        self.changes = changes
-
-    def __call__(
-        self, conn: sqlite3.Connection, staged: dict[tuple[str, str], Entity | None]
-    ) -> list[Committed | Exception]:
-        out: list[Committed | Exception] = []
-        for change in self.changes:
-            try:
-                out.append(self.apply(conn, staged, change))
-            except Exception as exc:  # noqa: BLE001 - this change's answer
-                out.append(exc)
-        return out
-
-
-def _deliver(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, exc in outcomes:
-        if future.done():
-            continue
-        if exc is not None:
-            future.set_exception(exc if isinstance(exc, (OpsCoreError, Exception)) else StorageError(str(exc)))
-        else:
-            future.set_result(result)
+        statement = sql.select_timers(SQLITE, entity_type, entity_id)
+        return sql.timers_from_rows(await self._read(lambda c: c.execute(*statement).fetchall()))

@@ -14,6 +14,7 @@ from opscore import audit
 from opscore.errors import IdempotencyKeyInUse, RevisionConflict, UnknownAgent
 from opscore.models import Change, Committed, Entity, IdempotencyEntry, Timer
 from opscore.storage.sqlite import SQLiteStore
+from opscore.storage.writer import Mode
 from tests.servers import Server
 
 
@@ -43,11 +44,11 @@ async def _one_batch_with_refusals(path: str) -> None:
         # Hold the writer so that every change below lands in ONE batch (one transaction).
         started, release = threading.Event(), threading.Event()
 
-        def hold(conn: object, staged: object) -> None:
+        def hold(tx: object) -> None:
             started.set()
             release.wait(10)
 
-        held = store._submit(hold, writes=False)
+        held = store._writer.submit(hold, Mode.READ)
         await asyncio.to_thread(started.wait, 10)
         batches = store.batches
         changes = [

@@ -1,0 +1,172 @@
+"""The group-commit writer on its own, with a transaction that records what it was asked to do.
+
+The SQLite store's behaviour under group commit is tested through the store
+(tests/perf/test_group_commit.py, tests/storage); these tests pin the writer's part of it:
+which jobs share a transaction, where savepoints go, and how a transaction that fails as a
+whole is retried job by job (and a Many item by item) so that only the culprit fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from opscore.errors import StorageError
+from opscore.storage.writer import GroupCommitWriter, Mode
+
+
+class Refused(Exception):
+    pass
+
+
+class FakeTx:
+    """A transaction that logs its calls; its COMMIT fails when a job marked it poisoned."""
+
+    def __init__(self, log: list[Any], writes: bool) -> None:
+        self.log = log
+        self.writes = writes
+        self.poisoned = False
+
+    def begin(self) -> None:
+        self.log.append(("begin", self.writes))
+
+    def savepoint(self) -> None:
+        self.log.append("savepoint")
+
+    def rollback_savepoint(self) -> None:
+        self.log.append("rollback_savepoint")
+
+    def release_savepoint(self) -> None:
+        self.log.append("release_savepoint")
+
+    def commit(self) -> None:
+        if self.poisoned:
+            raise Refused("the database refused a row at COMMIT")
+        self.log.append("commit")
+
+    def abort(self, exc: BaseException) -> Exception:
+        self.log.append("abort")
+        return StorageError(f"the commit failed: {exc}")
+
+
+def job(name: str, log: list[Any]) -> Any:
+    def run(tx: FakeTx) -> str:
+        log.append(name)
+        if name.startswith("poison"):
+            tx.poisoned = True
+        if name.startswith("refuse"):
+            raise Refused(name)
+        return name
+
+    return run
+
+
+async def held_batch(writer: GroupCommitWriter[FakeTx], submit: Any) -> list[Any]:
+    """Hold the writer with one job, queue what ``submit`` queues, release: they form ONE batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(tx: FakeTx) -> None:
+        started.set()
+        release.wait(10)
+
+    held = writer.submit(hold, Mode.READ)
+    await asyncio.to_thread(started.wait, 10)
+    futures = submit()
+    release.set()
+    await held
+    return list(await asyncio.gather(*futures, return_exceptions=True))
+
+
+def test_jobs_share_one_transaction_and_only_writers_of_their_own_get_a_savepoint() -> None:
+    log: list[Any] = []
+
+    async def scenario() -> list[Any]:
+        writer = GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=100, name="Test")
+        writer.start()
+        try:
+            return await held_batch(
+                writer,
+                lambda: [
+                    writer.submit(job("plain", log), Mode.PLAIN),
+                    writer.submit(job("saved", log), Mode.SAVEPOINT),
+                    writer.submit(job("refused-saved", log), Mode.SAVEPOINT),
+                    writer.submit(job("read", log), Mode.READ),
+                    writer.submit_many(job_of_item(log), ["m1", "refuse-m2", "m3"]),
+                ],
+            )
+        finally:
+            await asyncio.to_thread(writer.stop)
+
+    results = asyncio.run(scenario())
+    assert results[:2] == ["plain", "saved"]
+    assert isinstance(results[2], Refused)
+    assert results[3] == "read"
+    assert results[4][0] == "m1" and isinstance(results[4][1], Refused) and results[4][2] == "m3"
+    # the hold ran alone, reading: its transaction never opened for writing
+    assert log[:2] == [("begin", False), "commit"]
+    assert log[2:] == [
+        ("begin", True),
+        "plain",
+        "savepoint",
+        "saved",
+        "release_savepoint",
+        "savepoint",
+        "refused-saved",
+        "rollback_savepoint",
+        "read",
+        "m1",
+        "refuse-m2",
+        "m3",
+        "commit",
+    ]
+
+
+def job_of_item(log: list[Any]) -> Any:
+    def run(tx: FakeTx, item: str) -> str:
+        return str(job(item, log)(tx))
+
+    return run
+
+
+def test_a_transaction_that_fails_as_a_whole_is_retried_job_by_job_and_item_by_item() -> None:
+    log: list[Any] = []
+
+    async def scenario() -> tuple[list[Any], int]:
+        writer = GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=100, name="Test")
+        writer.start()
+        try:
+            results = await held_batch(
+                writer,
+                lambda: [
+                    writer.submit(job("a", log), Mode.PLAIN),
+                    writer.submit(job("poison-b", log), Mode.SAVEPOINT),
+                    writer.submit_many(job_of_item(log), ["c1", "poison-c2", "c3"]),
+                ],
+            )
+            return results, writer.batches
+        finally:
+            await asyncio.to_thread(writer.stop)
+
+    results, batches = asyncio.run(scenario())
+    assert results[0] == "a"
+    assert isinstance(results[1], StorageError) and "refused a row" in str(results[1])
+    many = results[2]
+    assert many[0] == "c1" and many[2] == "c3"
+    assert isinstance(many[1], StorageError)
+    # the hold, then a alone, then c1 and c3 alone committed; the batch and both culprits did not
+    assert batches == 4
+    assert log.count("abort") == 3
+    tail = log[log.index("abort") + 1 :]
+    assert tail[:3] == [("begin", True), "a", "commit"]
+
+
+def test_submitting_before_start_is_refused() -> None:
+    async def scenario() -> None:
+        writer: GroupCommitWriter[FakeTx] = GroupCommitWriter(lambda w: FakeTx([], w), max_batch=1, name="Test")
+        with pytest.raises(StorageError, match="not open for writing"):
+            writer.submit(job("x", []), Mode.PLAIN)
+
+    asyncio.run(scenario())
