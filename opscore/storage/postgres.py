@@ -59,6 +59,7 @@ from opscore.errors import (
     IdempotencyKeyInUse,
     NoSchema,
     NotOpsCore,
+    OpsCoreError,
     RevisionConflict,
     SchemaMismatch,
     SchemaTooNew,
@@ -69,6 +70,7 @@ from opscore.errors import (
 )
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
+from opscore.storage.pgwrite import GroupWriter, plain
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     LABEL_COLUMNS,
@@ -236,6 +238,48 @@ _UPSERT_LABELS = (
 )
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
 _NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text"
+# -- the group commit's statements (opscore/storage/pgwrite.py batches, these write) ---------------
+# Rows are locked in key order, so two replicas' batches never wait on each other in a cycle.
+_LOCK_MANY = (
+    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
+    "(SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY entity_type, entity_id FOR UPDATE"
+)
+# After the locks: the batch's record ids (so within a chain ids grow with seq, as in _LOCK_ENTITY).
+_NEXT_RECORDS = (
+    "SELECT ARRAY(SELECT nextval('audit_ids') FROM generate_series(1, %s)), clock_timestamp(), "
+    "pg_current_xact_id()::text"
+)
+_CAPS = "ARRAY(SELECT json_array_elements_text(u.caps::json))"
+_CREATE_MANY = (
+    f"INSERT INTO entities ({ENTITY_COLUMNS}, capabilities) "
+    "SELECT u.entity_type, u.entity_id, u.state, u.revision, u.seq, u.head_hash, u.data, u.created_at, "
+    f"u.updated_at, u.last_seen_at, u.last_report_at, u.last_details, {_CAPS} "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::text[], "
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
+    "AS u(entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, last_seen_at, "
+    "last_report_at, last_details, caps) "
+    "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING entity_type, entity_id"
+)
+# Compare-and-set on what the batch read under the lock (revision and seq): every row comes back,
+# and one that did not would fail the batch (then each change runs alone) rather than commit a fork.
+# data and capabilities are rewritten only by a change that has data (u.data not NULL).
+_UPDATE_MANY = (
+    "UPDATE entities e SET state = u.state, revision = u.revision, seq = u.seq, head_hash = u.head_hash, "
+    "data = COALESCE(u.data, e.data), updated_at = u.updated_at, last_seen_at = u.last_seen_at, "
+    "last_report_at = u.last_report_at, last_details = u.last_details, "
+    f"capabilities = CASE WHEN u.data IS NULL THEN e.capabilities ELSE {_CAPS} END "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::text[], "
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[]) "
+    "AS u(entity_type, entity_id, state, revision, seq, head_hash, data, caps, updated_at, last_seen_at, "
+    "last_report_at, last_details, old_revision, old_seq) "
+    "WHERE e.entity_type = u.entity_type AND e.entity_id = u.entity_id "
+    "AND e.revision = u.old_revision AND e.seq = u.old_seq RETURNING 1"
+)
+_INSERT_AUDIT_MANY = (
+    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision) "
+    "SELECT * FROM unnest(%s::int8[], %s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], %s::text[], "
+    "%s::int8[])"
+)
 OUTCOME_WAIT_SECONDS = 10.0
 """How long a write whose COMMIT lost its connection waits to learn whether it committed."""
 _CLAIMED_COLUMNS = ", ".join("t." + c for c in TIMER_COLUMNS.split(", "))
@@ -248,6 +292,8 @@ class _Attempt:
     backend_pid: int | None = None
     xid: str | None = None
     result: Committed | None = None
+    sent: bool = False
+    """The transaction's work is done and COMMIT goes out next (the group commit's mark)."""
 
 
 def _capabilities(data: dict[str, Any]) -> list[str]:
@@ -272,6 +318,46 @@ def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
 
 def _entity_params(e: Entity) -> tuple[Any, ...]:
     return (*entity_values(e), _capabilities(e.data))
+
+
+_PENDING: Any = None
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists: the arrays a set-based statement unnests."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _create_row(outcome: Committed | Exception) -> tuple[Any, ...]:
+    assert isinstance(outcome, Committed)
+    e = outcome.entity
+    return (*entity_values(e), json.dumps(_capabilities(e.data)))
+
+
+def _update_row(change: Change, outcome: Committed | Exception, current: Entity) -> tuple[Any, ...]:
+    """The new row for ``_UPDATE_MANY``; data (and capabilities) only when the change brought data."""
+    assert isinstance(outcome, Committed)
+    e = outcome.entity
+    data = None if change.data is None else dumps(e.data)
+    caps = None if change.data is None else json.dumps(_capabilities(e.data))
+    return (
+        e.entity_type,
+        e.entity_id,
+        e.state,
+        e.revision,
+        e.seq,
+        e.head_hash,
+        data,
+        caps,
+        e.updated_at,
+        e.last_seen_at,
+        e.last_report_at,
+        dumps(e.last_details),
+        current.revision,
+        current.seq,
+    )
 
 
 _WRITES: dict[tuple[bool, bool, bool, int], str] = {}
@@ -354,6 +440,8 @@ class PostgresStore(Store):
         max_size: int | None = None,
         timeout: float | None = None,
         readonly: bool = False,
+        max_batch: int = 256,
+        writers: int = 1,
     ) -> None:
         self.url = url
         self.readonly = readonly
@@ -364,6 +452,16 @@ class PostgresStore(Store):
         self.timeout = timeout if timeout is not None else 10.0
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
         self._version = SCHEMA_VERSION
+        self._writer = GroupWriter(self._commit_set, self._apply_alone, max_batch=max_batch, writers=writers)
+
+    @property
+    def batches(self) -> int:
+        """Group commits so far (benchmarks report the mean batch)."""
+        return self._writer.batches
+
+    @property
+    def batched(self) -> int:
+        return self._writer.batched
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -389,8 +487,11 @@ class PostgresStore(Store):
         except BaseException:
             await self.close()
             raise
+        if not self.readonly:
+            self._writer.start()
 
     async def close(self) -> None:
+        await self._writer.stop()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -497,6 +598,147 @@ class PostgresStore(Store):
         return [found.get(entity_id) for entity_id in entity_ids]
 
     async def apply(self, change: Change) -> Committed:
+        """A plain change joins the group commit (:mod:`opscore.storage.pgwrite`); others commit alone."""
+        if self._writer.running and plain(change):
+            return await self._writer.submit(change)
+        return await self._apply_alone(change)
+
+    async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
+        """The plain changes queued together (they share batches); the others each alone, in turn."""
+        out: list[Committed | Exception | None] = [None] * len(changes)
+        grouped = [n for n, c in enumerate(changes) if plain(c)] if self._writer.running else []
+        waiting = self._writer.submit_many([changes[n] for n in grouped]) if grouped else None
+        together = asyncio.ensure_future(waiting) if waiting is not None else None
+        alone = set(grouped)
+        for n, change in enumerate(changes):
+            if n not in alone:
+                try:
+                    out[n] = await self._apply_alone(change)
+                except Exception as exc:  # noqa: BLE001 - handed back to the caller of this change
+                    out[n] = exc
+        if together is not None:
+            for n, answer in zip(grouped, await together, strict=True):
+                out[n] = answer
+        return out  # type: ignore[return-value]
+
+    async def _commit_set(self, changes: list[Change]) -> list[Committed | Exception] | None:
+        """The group writer's batch in ONE transaction; ``None`` when it failed as a whole (nothing committed).
+
+        Raises ``Unavailable`` when the connection broke: before COMMIT went out nothing
+        committed; while it was in flight :meth:`_settle` finds out, so every caller hears the
+        truth (the batch's answers, 503, or ``commit_outcome_unknown``).
+        """
+        attempt = _Attempt()
+        try:
+            async with self._connection() as conn:
+                attempt.backend_pid = conn.info.backend_pid
+                async with conn.transaction():
+                    outcomes, redo = await self._apply_set(conn, changes, attempt)
+                    attempt.sent = True
+        except Unavailable as exc:
+            if not (attempt.sent and attempt.xid is not None and await self._settle(attempt)):
+                self.write_failed(exc.detail)
+                raise
+        except (StorageError, RevisionConflict, Unstorable) as exc:  # a refused value, a deadlock: retry alone
+            log.warning("PostgreSQL batch rolled back", extra={"changes": len(changes), "error": exc.detail})
+            return None
+        self.last_write_error = None
+        if redo:  # created meanwhile by another transaction: each applied again, on the row now there
+            for n, answer in zip(redo, await asyncio.gather(*(self._solo(changes[n]) for n in redo)), strict=True):
+                outcomes[n] = answer
+        return outcomes
+
+    async def _solo(self, change: Change) -> Committed | Exception:
+        try:
+            return await self._apply_alone(change)
+        except Exception as exc:  # noqa: BLE001 - this change's answer
+            return exc
+
+    async def _apply_set(
+        self, conn: Connection, changes: list[Change], attempt: _Attempt
+    ) -> tuple[list[Committed | Exception], list[int]]:
+        """Lock every entity of the batch, decide each change on its locked row, write them set-wise.
+
+        Statements: lock and read, ids and clock, [create], update (compare-and-set), audit
+        insert, [labels]: the same handful for one change or for hundreds. A change refused
+        by :func:`~opscore.storage.base.next_entity` (revision moved, unknown entity) is
+        answered alone and writes nothing. Returns each change's outcome and the places of
+        the changes whose entity another transaction created meanwhile (to apply again).
+        """
+        keys_t = [c.entity_type for c in changes]
+        keys_i = [c.entity_id for c in changes]
+        rows = await (await conn.execute(_LOCK_MANY, (keys_t, keys_i))).fetchall()
+        found = {(r[0], r[1]): r for r in rows}
+        wanted = sum(1 for c in changes if c.record is not None)
+        head = await (await conn.execute(_NEXT_RECORDS, (wanted,))).fetchone()
+        assert head is not None
+        record_ids, clock, attempt.xid = sorted(head[0]), head[1], head[2]
+        now = _utc_text(clock)
+        outcomes: list[Committed | Exception] = [_PENDING] * len(changes)
+        creates: list[int] = []
+        updates: list[tuple[int, Entity]] = []
+        next_id = 0
+        for n, change in enumerate(changes):
+            row = found.get((change.entity_type, change.entity_id))
+            current = None if row is None else entity_from_row(row)
+            record_id = None
+            if change.record is not None:
+                record_id = record_ids[next_id]
+                next_id += 1
+            try:
+                new, record, created = next_entity(current, change, now=now, record_id=record_id)
+            except (OpsCoreError, ValueError) as exc:
+                outcomes[n] = exc
+                continue
+            outcomes[n] = Committed(new, record, created)
+            if created:
+                creates.append(n)
+            else:
+                assert current is not None
+                updates.append((n, current))
+        redo: list[int] = []
+        if creates:
+            made = await (
+                await conn.execute(_CREATE_MANY, _columns([_create_row(outcomes[n]) for n in creates], 13))
+            ).fetchall()
+            won = {(r[0], r[1]) for r in made}
+            redo = [n for n in creates if (changes[n].entity_type, changes[n].entity_id) not in won]
+        if updates:
+            cols = _columns([_update_row(changes[n], outcomes[n], current) for n, current in updates], 14)
+            moved = await (await conn.execute(_UPDATE_MANY, cols)).fetchall()
+            if len(moved) != len(updates):  # cannot happen under the locks; never commit a fork if it does
+                raise StorageError(f"{len(updates) - len(moved)} rows of a batch moved under their lock")
+        lost = set(redo)
+        audit_rows: list[tuple[Any, ...]] = []
+        label_sets: list[tuple[Any, ...]] = []
+        for n, outcome in enumerate(outcomes):
+            if n in lost or not isinstance(outcome, Committed):
+                continue
+            new, record = outcome.entity, outcome.record
+            if record is not None:
+                audit_rows.append(
+                    (
+                        record["id"],
+                        new.entity_type,
+                        new.entity_id,
+                        record["seq"],
+                        record["outcome"],
+                        record["recordedAt"],
+                        dumps(record),
+                        new.revision,
+                    )
+                )
+            if new.entity_type in LABELLED:
+                row = found.get((new.entity_type, new.entity_id))
+                label_sets.extend(label_rows(None if row is None else entity_from_row(row), new))
+        if audit_rows:
+            await conn.execute(_INSERT_AUDIT_MANY, _columns(audit_rows, 8))
+        if label_sets:
+            rows_sql = ",".join(["(%s,%s,%s,%s,%s)"] * len(label_sets))
+            await conn.execute(_UPSERT_LABELS.format(rows=rows_sql), [v for r in label_sets for v in r])
+        return outcomes, redo
+
+    async def _apply_alone(self, change: Change) -> Committed:
         """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT.
 
         When the connection breaks after COMMIT was sent, the write may or may not have
