@@ -70,7 +70,7 @@ from opscore.errors import (
 )
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer, utc_now
-from opscore.storage.pgwrite import GroupWriter, plain
+from opscore.storage.pgwrite import GroupWriter, ReadCoalescer, plain
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     LABEL_COLUMNS,
@@ -240,45 +240,52 @@ _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status,
 _NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text"
 # -- the group commit's statements (opscore/storage/pgwrite.py batches, these write) ---------------
 # Rows are locked in key order, so two replicas' batches never wait on each other in a cycle.
+_SELECT_MANY = (
+    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
+    "(SELECT * FROM json_to_recordset(%s::json) AS k(t text, i text))"
+)
 _LOCK_MANY = (
     f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
-    "(SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY entity_type, entity_id FOR UPDATE"
+    "(SELECT * FROM json_to_recordset(%s::json) AS k(t text, i text)) ORDER BY entity_type, entity_id FOR UPDATE"
 )
 # After the locks: the batch's record ids (so within a chain ids grow with seq, as in _LOCK_ENTITY).
 _NEXT_RECORDS = (
     "SELECT ARRAY(SELECT nextval('audit_ids') FROM generate_series(1, %s)), clock_timestamp(), "
     "pg_current_xact_id()::text"
 )
-_CAPS = "ARRAY(SELECT json_array_elements_text(u.caps::json))"
+# Rows travel as ONE json parameter (json.dumps is C; psycopg dumps a text[] element by element
+# with a regex, which cost more than the rest of the batch). ``json``, never ``jsonb``: strings
+# come back exactly as sent; one PostgreSQL cannot hold (a NUL) fails the batch, which then
+# runs change by change and refuses that one alone.
+_ENTITY_ROW = (
+    "entity_type text, entity_id text, state text, revision int8, seq int8, head_hash text, data text, "
+    "created_at text, updated_at text, last_seen_at text, last_report_at text, last_details text, caps json"
+)
+_ENTITY_KEYS = (*ENTITY_COLUMNS.split(", "), "caps")
+_CAPS = "ARRAY(SELECT json_array_elements_text(u.caps))"
 _CREATE_MANY = (
     f"INSERT INTO entities ({ENTITY_COLUMNS}, capabilities) "
     "SELECT u.entity_type, u.entity_id, u.state, u.revision, u.seq, u.head_hash, u.data, u.created_at, "
     f"u.updated_at, u.last_seen_at, u.last_report_at, u.last_details, {_CAPS} "
-    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
-    "AS u(entity_type, entity_id, state, revision, seq, head_hash, data, created_at, updated_at, last_seen_at, "
-    "last_report_at, last_details, caps) "
+    f"FROM json_to_recordset(%s::json) AS u({_ENTITY_ROW}) "
     "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING entity_type, entity_id"
 )
 # Compare-and-set on what the batch read under the lock (revision and seq): every row comes back,
 # and one that did not would fail the batch (then each change runs alone) rather than commit a fork.
 # data and capabilities are rewritten only by a change that has data (u.data not NULL).
+_UPDATE_KEYS = ("t", "i", "s", "r", "q", "h", "d", "caps", "u", "ls", "lr", "ld", "rw", "sq")
 _UPDATE_MANY = (
-    "UPDATE entities e SET state = u.state, revision = u.revision, seq = u.seq, head_hash = u.head_hash, "
-    "data = COALESCE(u.data, e.data), updated_at = u.updated_at, last_seen_at = u.last_seen_at, "
-    "last_report_at = u.last_report_at, last_details = u.last_details, "
-    f"capabilities = CASE WHEN u.data IS NULL THEN e.capabilities ELSE {_CAPS} END "
-    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[]) "
-    "AS u(entity_type, entity_id, state, revision, seq, head_hash, data, caps, updated_at, last_seen_at, "
-    "last_report_at, last_details, old_revision, old_seq) "
-    "WHERE e.entity_type = u.entity_type AND e.entity_id = u.entity_id "
-    "AND e.revision = u.old_revision AND e.seq = u.old_seq RETURNING 1"
+    "UPDATE entities e SET state = u.s, revision = u.r, seq = u.q, head_hash = u.h, "
+    "data = COALESCE(u.d, e.data), updated_at = u.u, last_seen_at = u.ls, last_report_at = u.lr, last_details = u.ld, "
+    f"capabilities = CASE WHEN u.d IS NULL THEN e.capabilities ELSE {_CAPS} END "
+    "FROM json_to_recordset(%s::json) AS u(t text, i text, s text, r int8, q int8, h text, d text, caps json, "
+    "u text, ls text, lr text, ld text, rw int8, sq int8) "
+    "WHERE e.entity_type = u.t AND e.entity_id = u.i AND e.revision = u.rw AND e.seq = u.sq RETURNING 1"
 )
+_AUDIT_KEYS = ("id", "t", "i", "q", "o", "at", "b", "r")
 _INSERT_AUDIT_MANY = (
     "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision) "
-    "SELECT * FROM unnest(%s::int8[], %s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], %s::text[], "
-    "%s::int8[])"
+    "SELECT * FROM json_to_recordset(%s::json) AS a(id int8, t text, i text, q int8, o text, at text, b text, r int8)"
 )
 OUTCOME_WAIT_SECONDS = 10.0
 """How long a write whose COMMIT lost its connection waits to learn whether it committed."""
@@ -323,17 +330,15 @@ def _entity_params(e: Entity) -> tuple[Any, ...]:
 _PENDING: Any = None
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as ``width`` column lists: the arrays a set-based statement unnests."""
-    if not rows:
-        return [[] for _ in range(width)]
-    return [list(column) for column in zip(*rows, strict=True)]
+def _rows(keys: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """Rows as the one JSON parameter a set-based statement reads with ``json_to_recordset``."""
+    return json.dumps([dict(zip(keys, row, strict=True)) for row in rows], ensure_ascii=False)
 
 
 def _create_row(outcome: Committed | Exception) -> tuple[Any, ...]:
     assert isinstance(outcome, Committed)
     e = outcome.entity
-    return (*entity_values(e), json.dumps(_capabilities(e.data)))
+    return (*entity_values(e), _capabilities(e.data))
 
 
 def _update_row(change: Change, outcome: Committed | Exception, current: Entity) -> tuple[Any, ...]:
@@ -341,7 +346,7 @@ def _update_row(change: Change, outcome: Committed | Exception, current: Entity)
     assert isinstance(outcome, Committed)
     e = outcome.entity
     data = None if change.data is None else dumps(e.data)
-    caps = None if change.data is None else json.dumps(_capabilities(e.data))
+    caps = None if change.data is None else _capabilities(e.data)
     return (
         e.entity_type,
         e.entity_id,
@@ -452,6 +457,7 @@ class PostgresStore(Store):
         self.timeout = timeout if timeout is not None else 10.0
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
         self._version = SCHEMA_VERSION
+        self._reads = ReadCoalescer(self._get_set)
         self._writer = GroupWriter(self._commit_set, self._apply_alone, max_batch=max_batch, writers=writers)
 
     @property
@@ -579,9 +585,18 @@ class PostgresStore(Store):
             raise Unavailable(f"PostgreSQL cannot commit: {exc.detail}") from exc
 
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
+        """Joins the reads waiting at the same moment (:class:`~opscore.storage.pgwrite.ReadCoalescer`)."""
+        found: Entity | None = await self._reads.get((entity_type, entity_id))
+        return found
+
+    async def _get_set(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
         async with self._connection() as conn:
-            row = await (await conn.execute(_SELECT_ENTITY, (entity_type, entity_id))).fetchone()
-        return None if row is None else entity_from_row(row)
+            if len(keys) == 1:
+                rows = await (await conn.execute(_SELECT_ENTITY, keys[0])).fetchall()
+            else:
+                param = json.dumps([{"t": t, "i": i} for t, i in keys], ensure_ascii=False)
+                rows = await (await conn.execute(_SELECT_MANY, (param,))).fetchall()
+        return {(row[0], row[1]): entity_from_row(row) for row in rows}
 
     async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
         """One query for all of them (a run's tasks), in the order asked."""
@@ -665,9 +680,8 @@ class PostgresStore(Store):
         answered alone and writes nothing. Returns each change's outcome and the places of
         the changes whose entity another transaction created meanwhile (to apply again).
         """
-        keys_t = [c.entity_type for c in changes]
-        keys_i = [c.entity_id for c in changes]
-        rows = await (await conn.execute(_LOCK_MANY, (keys_t, keys_i))).fetchall()
+        keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in changes], ensure_ascii=False)
+        rows = await (await conn.execute(_LOCK_MANY, (keys,))).fetchall()
         found = {(r[0], r[1]): r for r in rows}
         wanted = sum(1 for c in changes if c.record is not None)
         head = await (await conn.execute(_NEXT_RECORDS, (wanted,))).fetchone()
@@ -699,13 +713,13 @@ class PostgresStore(Store):
         redo: list[int] = []
         if creates:
             made = await (
-                await conn.execute(_CREATE_MANY, _columns([_create_row(outcomes[n]) for n in creates], 13))
+                await conn.execute(_CREATE_MANY, (_rows(_ENTITY_KEYS, [_create_row(outcomes[n]) for n in creates]),))
             ).fetchall()
             won = {(r[0], r[1]) for r in made}
             redo = [n for n in creates if (changes[n].entity_type, changes[n].entity_id) not in won]
         if updates:
-            cols = _columns([_update_row(changes[n], outcomes[n], current) for n, current in updates], 14)
-            moved = await (await conn.execute(_UPDATE_MANY, cols)).fetchall()
+            rows_json = _rows(_UPDATE_KEYS, [_update_row(changes[n], outcomes[n], current) for n, current in updates])
+            moved = await (await conn.execute(_UPDATE_MANY, (rows_json,))).fetchall()
             if len(moved) != len(updates):  # cannot happen under the locks; never commit a fork if it does
                 raise StorageError(f"{len(updates) - len(moved)} rows of a batch moved under their lock")
         lost = set(redo)
@@ -732,7 +746,7 @@ class PostgresStore(Store):
                 row = found.get((new.entity_type, new.entity_id))
                 label_sets.extend(label_rows(None if row is None else entity_from_row(row), new))
         if audit_rows:
-            await conn.execute(_INSERT_AUDIT_MANY, _columns(audit_rows, 8))
+            await conn.execute(_INSERT_AUDIT_MANY, (_rows(_AUDIT_KEYS, audit_rows),))
         if label_sets:
             rows_sql = ",".join(["(%s,%s,%s,%s,%s)"] * len(label_sets))
             await conn.execute(_UPSERT_LABELS.format(rows=rows_sql), [v for r in label_sets for v in r])
