@@ -57,6 +57,7 @@ from opscore.errors import (
     CommitOutcomeUnknown,
     DefinitionExists,
     IdempotencyKeyInUse,
+    InvalidPosition,
     NoSchema,
     NotOpsCore,
     OpsCoreError,
@@ -87,7 +88,7 @@ from opscore.storage.rows import (
     timer_from_row,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -200,6 +201,14 @@ MIGRATIONS: dict[int, list[Migration]] = {
         )""",
         "CREATE INDEX labels_value ON labels (entity_type, key, value, created_at, entity_id)",
         _backfill_labels,
+    ],
+    # 3: the live stream in commit order (DESIGN §10). Each record keeps the id of the transaction
+    # that wrote it (xid8, never wraps); records written before have 0, so they come first, in id
+    # order, as they were served. New rows get it from the column default: every insert path has it.
+    3: [
+        "ALTER TABLE audit ADD COLUMN xid xid8 NOT NULL DEFAULT '0'",
+        "ALTER TABLE audit ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
+        "CREATE INDEX audit_commit ON audit (xid, id)",
     ],
 }
 
@@ -316,6 +325,21 @@ def _capabilities(data: dict[str, Any]) -> list[str]:
 def _utc_text(moment: datetime) -> str:
     """A database timestamp as the fixed-width UTC text every stored time uses."""
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _position(xid: str, record_id: int) -> str:
+    return str(record_id) if xid == "0" else f"{xid}-{record_id}"
+
+
+def _stream_position(position: str) -> tuple[int, int]:
+    """``(xid, id)`` of a stream position; ``InvalidPosition`` for anything this store never hands out."""
+    xid, sep, record_id = position.partition("-")
+    if not sep:
+        xid, record_id = "0", position
+    for part in (xid, record_id):
+        if not part.isascii() or not part.isdigit() or len(part) > 19:
+            raise InvalidPosition()
+    return int(xid), int(record_id)
 
 
 def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
@@ -654,9 +678,12 @@ class PostgresStore(Store):
             if not (attempt.sent and attempt.xid is not None and await self._settle(attempt)):
                 self.write_failed(exc.detail)
                 raise
-        except (StorageError, RevisionConflict, Unstorable) as exc:  # a refused value, a deadlock: retry alone
-            log.warning("PostgreSQL batch rolled back", extra={"changes": len(changes), "error": exc.detail})
-            return None
+        except (StorageError, RevisionConflict, Unstorable, ValueError) as exc:  # a refused value, a deadlock
+            detail = (
+                exc.detail if isinstance(exc, OpsCoreError) else repr(exc)
+            )  # (ValueError: text psycopg cannot encode)
+            log.warning("PostgreSQL batch rolled back", extra={"changes": len(changes), "error": detail})
+            return None  # nothing committed: the writer applies each change alone
         self.last_write_error = None
         if redo:  # created meanwhile by another transaction: each applied again, on the row now there
             for n, answer in zip(redo, await asyncio.gather(*(self._solo(changes[n]) for n in redo)), strict=True):
@@ -881,6 +908,70 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             rows = await (await conn.execute(sql, params)).fetchall()
         return [(int(r[0]), str(r[1])) for r in rows]
+
+    # -- the live stream in commit order (DESIGN §10) ---------------------------------------------
+    #
+    # Record ids come from a sequence, so under concurrent transactions (several writers, several
+    # replicas) they become visible out of id order: a reader that paged by id past 41 could miss
+    # 40 committing a moment later. Positions are (xid, id) instead: the writing transaction's id,
+    # and only records whose transaction is older than the oldest one still running
+    # (pg_snapshot_xmin of the current snapshot) are served. Such a transaction has finished, so
+    # its records are all visible now or never; any transaction still to commit has a larger xid
+    # than every position handed out. Served in (xid, id) order, a reader resuming after a
+    # position gets every later record once. The cost: a record is served once every older
+    # transaction in the cluster has ended (normally milliseconds; a transaction left open holds
+    # the stream back, never loses a record).
+
+    async def stream_page(self, after: str, query: AuditQuery) -> list[tuple[str, str]]:
+        if self._version < 3:
+            return await super().stream_page(after, query)
+        xid, record_id = _stream_position(after)
+        sql = [
+            "SELECT xid::text, id, body FROM audit WHERE (xid, id) > (%s::text::xid8, %s) "
+            "AND xid < pg_snapshot_xmin(pg_current_snapshot())"
+        ]
+        params: list[Any] = [str(xid), record_id]
+        for column, value in (
+            ("entity_type", query.entity_type),
+            ("entity_id", query.entity_id),
+            ("outcome", query.outcome),
+        ):
+            if value is not None:
+                sql.append(f"AND {column} = %s")
+                params.append(value)
+        if query.entity_ids is not None:
+            sql.append("AND entity_id = ANY(%s)")
+            params.append(list(query.entity_ids))
+        if query.entity_types is not None:
+            sql.append("AND entity_type = ANY(%s)")
+            params.append(list(query.entity_types))
+        if query.since is not None:
+            sql.append("AND recorded_at >= %s")
+            params.append(query.since)
+        if query.until is not None:
+            sql.append("AND recorded_at <= %s")
+            params.append(query.until)
+        sql.append("ORDER BY xid, id LIMIT %s")
+        params.append(query.limit)
+        async with self._connection() as conn:
+            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+        return [(_position(str(x), int(i)), str(body)) for x, i, body in rows]
+
+    async def stream_head(self) -> str:
+        if self._version < 3:
+            return await super().stream_head()
+        async with self._connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT xid::text, id FROM audit WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) "
+                    "ORDER BY xid DESC, id DESC LIMIT 1"
+                )
+            ).fetchone()
+        return "0" if row is None else _position(str(row[0]), int(row[1]))
+
+    def parse_position(self, position: str) -> int:
+        """Positions are ``<xid>-<id>`` (opaque to clients); a bare id is one handed out before schema 3."""
+        return _stream_position(position)[1]
 
     async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
         """The seek of :func:`opscore.storage.rows.seek`, every step on one pooled connection."""
