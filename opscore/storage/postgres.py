@@ -623,18 +623,11 @@ class PostgresStore(Store):
         return {(row[0], row[1]): entity_from_row(row) for row in rows}
 
     async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
-        """One query for all of them (a run's tasks), in the order asked."""
+        """One query for all of them (a run's tasks, a batch of reports), in the order asked."""
         if not entity_ids:
             return []
-        async with self._connection() as conn:
-            rows = await (
-                await conn.execute(
-                    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = ANY(%s)",
-                    (entity_type, list(entity_ids)),
-                )
-            ).fetchall()
-        found = {row[1]: entity_from_row(row) for row in rows}
-        return [found.get(entity_id) for entity_id in entity_ids]
+        found = await self._get_set(list(dict.fromkeys((entity_type, i) for i in entity_ids)))
+        return [found.get((entity_type, entity_id)) for entity_id in entity_ids]
 
     async def apply(self, change: Change) -> Committed:
         """A plain change joins the group commit (:mod:`opscore.storage.pgwrite`); others commit alone."""
