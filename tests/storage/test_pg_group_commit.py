@@ -216,3 +216,31 @@ def test_every_answer_is_given_after_its_commit(pg_url: str) -> None:
         assert seen == [True] * 50
 
     asyncio.run(scenario())
+
+
+def test_reads_waiting_together_share_one_query_and_see_every_answered_commit(pg_url: str) -> None:
+    async def scenario() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            await store.apply_many([move(f"g{n}", "idle", 0) for n in range(40)])
+            queries: list[int] = []
+            fetch = store._reads._fetch
+
+            async def counted(keys: list[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
+                queries.append(len(keys))
+                found: dict[tuple[str, str], Entity] = await fetch(keys)
+                return found
+
+            store._reads._fetch = counted
+            got = await asyncio.gather(*(store.get("agent", f"g{n}") for n in range(40)), store.get("agent", "nobody"))
+            assert [None if g is None else g.entity_id for g in got] == [f"g{n}" for n in range(40)] + [None]
+            assert len(queries) < 5 and sum(queries) == 41, queries
+            for n in range(5):  # a read that starts after a commit was answered sees it
+                committed = await store.apply(move(f"g{n}", "active", 1))
+                seen = await store.get("agent", f"g{n}")
+                assert seen is not None and seen.revision == committed.entity.revision == 2
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
