@@ -244,3 +244,41 @@ def test_reads_waiting_together_share_one_query_and_see_every_answered_commit(pg
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_the_stream_never_passes_a_record_whose_transaction_is_still_open(pg_url: str) -> None:
+    """A record with a LOWER id that commits LATER is still delivered, once: positions follow commit order."""
+
+    async def scenario() -> None:
+        from opscore.models import AuditQuery
+
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            await store.apply(move("s0", "idle", 0))
+            head = await store.stream_head()
+            late = psycopg.connect(pg_url)  # a transaction of its own, left open
+            try:
+                late.execute(
+                    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) "
+                    "VALUES (nextval('audit_ids'), 'agent', 'late', 1, 'applied', '2026-01-01', '{\"late\":1}')"
+                )
+                await store.apply(move("s1", "idle", 0))  # a higher id, committed first
+                page = await store.stream_page(head, AuditQuery(limit=100))
+                assert page == []  # served only once everything older has finished
+                late.commit()
+            finally:
+                late.close()
+            for _ in range(200):  # another transaction anywhere in the cluster may hold the horizon a moment
+                page = await store.stream_page(head, AuditQuery(limit=100))
+                if len(page) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            texts = [text for _, text in page]
+            assert len(texts) == 2 and texts[0] == '{"late":1}' and '"s1"' in texts[1]
+            assert await store.stream_page(page[-1][0], AuditQuery(limit=100)) == []
+            assert await store.stream_head() == page[-1][0]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
