@@ -17,6 +17,13 @@ id counter, no replay memory. What makes that correct:
   ``seq`` order, which is what lets :meth:`verify` stream every chain in id order. Across
   entities ids are unique and grow, but a transaction that rolls back leaves a gap, and
   concurrent commits may become visible slightly out of id order.
+- **Group commit.** Plain changes (no idempotency answer, no timers) do not get a transaction
+  each: :mod:`opscore.storage.pgwrite` gathers them and :meth:`PostgresStore._apply_set` commits
+  a batch in one transaction of set-based statements under the same row locks (taken in key
+  order), each change decided on its locked row as above and answered alone when refused.
+  Concurrent point reads share one query the same way.
+- **Stream positions in commit order** (schema 3): each record keeps its transaction's ``xid8``;
+  the stream serves records below the oldest running transaction, ordered by ``(xid, id)``.
 - **One clock.** ``recordedAt`` and the entity's times are the database's
   ``clock_timestamp()``, read under the lock, so records of one entity are in time order
   even when the replicas' clocks differ.
