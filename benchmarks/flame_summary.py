@@ -12,9 +12,19 @@ import sys
 cats = [  # first match from the leaf upwards wins
     ("sqlite writer thread: SQL, seal, rows", ["opscore-sqlite-writer", "storage/writer.py"]),
     ("log writer thread", ["BackgroundHandler._run"]),
+    ("pg: psycopg + pool (adapt, send, parse, checkout)", ["psycopg/", "psycopg_pool/"]),
+    (
+        "pg group writer: decide on locked rows, seal, rows as JSON",
+        ["_apply_set", "_commit_set", "_update_row", "_create_row"],
+    ),
+    ("pg reads: coalesced point reads (rows to entities)", ["ReadCoalescer.", "_get_set", "_drain ("]),
+    ("pg group writer: queue, batch, answer", ["GroupWriter.", "pgwrite.py"]),
     ("audit log line (format, LogRecord, enqueue)", ["Engine._emit"]),
     ("engine: fsm decision", ["Fsm.fire", "decide"]),
-    ("engine: store round trip (submit, await, deliver)", ["SQLiteStore.apply", "SQLiteStore.get", "_deliver"]),
+    (
+        "engine: store round trip (submit, await, deliver)",
+        ["SQLiteStore.apply", "SQLiteStore.get", "_deliver", "PostgresStore.apply", "PostgresStore.get"],
+    ),
     ("engine: the rest (locks, records, results)", ["Engine.report", "Engine._run", "Engine._attempt"]),
     ("dependencies: auth, scopes, context (FastAPI's solver or a twin)", ["solve_dependencies", "opscore/api/deps.py"]),
     (

@@ -277,8 +277,39 @@ def main() -> None:
                 e = engine("postgresql", url=url)
             details["postgres-engine"] = e
             ecmd = "OPSCORE_TEST_DATABASE_URL=postgresql://... python -m benchmarks.engine postgresql"
-            row("postgres", "engine transitions/s", round(e["per_s"]), "", None, ecmd)
+            row("postgres", "engine transitions/s", round(e["per_s"]), ">= 8,000", e["per_s"] >= 8000, ecmd)
             row("postgres", "engine CPU us/transition", round(e["cpu_us_per_transition"], 1), "", None, ecmd)
+            row("postgres", "engine mean batch (group commit)", round(e.get("mean_batch", 1), 1), "", None, ecmd)
+            lite = details.get("engine-sqlite")
+            if lite:
+                cpu = e["cpu_us_per_transition"] / lite["cpu_us_per_transition"]
+                row("postgres", "engine CPU/transition PG / SQLite", round(cpu, 2), "<= 1.5", cpu <= 1.5, ecmd)
+            lite_http = details.get("http-state")
+            if lite_http:
+                ratio = r["ours_rps"] / lite_http["ours_rps"]
+                row("postgres", "http-state PG / SQLite (same run)", round(ratio, 2), ">= 0.6", ratio >= 0.6, cmd)
+            with pg_schema(base) as url:
+                b = http.batch(seconds=seconds, database_url=url)
+            details["postgres-batch"] = b
+            bcmd = f"{PY} -c 'from benchmarks import http; print(http.batch(database_url=...))'"
+            row("postgres", "batch transitions/s", round(b["transitions_per_s"]), ">= 10,000",
+                b["transitions_per_s"] >= 10_000, bcmd)  # fmt: skip
+            row("postgres", "batch refused / errors", f"{b['refused_reports']} / {b['errors']}", "0",
+                b["refused_reports"] == 0 and b["errors"] == 0, bcmd)  # fmt: skip
+            from benchmarks import pg_http
+
+            reps: dict[int, dict[str, Any]] = {}
+            for n in (1, 2):
+                ns = argparse.Namespace(backend="postgres", replicas=n, duration=int(seconds), connections=64,
+                                        threads=2, agents=4096, pool_max=0)  # fmt: skip
+                reps[n] = pg_http.run(ns)
+                details[f"postgres-replicas-{n}"] = reps[n]
+            rcmd = "python -m benchmarks.pg_http --backend postgres --replicas N --duration 10"
+            row("postgres", "state reports/s, 1 replica (wrk, 64 conns)", round(reps[1]["rps"]), "", None, rcmd)
+            row("postgres", "state reports/s, 2 replicas", round(reps[2]["rps"]), "> 1 replica",
+                reps[2]["rps"] > reps[1]["rps"], rcmd)  # fmt: skip
+            row("postgres", "replicas: non-200 / verify", f"{reps[1]['non200'] + reps[2]['non200']} / "
+                f"{reps[1]['verify_ok'] and reps[2]['verify_ok']}", "0 / True", None, rcmd)  # fmt: skip
 
     machine = {
         "nproc": os.cpu_count(),

@@ -17,6 +17,13 @@ id counter, no replay memory. What makes that correct:
   ``seq`` order, which is what lets :meth:`verify` stream every chain in id order. Across
   entities ids are unique and grow, but a transaction that rolls back leaves a gap, and
   concurrent commits may become visible slightly out of id order.
+- **Group commit.** Plain changes (no idempotency answer, no timers) do not get a transaction
+  each: :mod:`opscore.storage.pgwrite` gathers them and :meth:`PostgresStore._apply_set` commits
+  a batch in one transaction of set-based statements under the same row locks (taken in key
+  order), each change decided on its locked row as above and answered alone when refused.
+  Concurrent point reads share one query the same way.
+- **Stream positions in commit order** (schema 3): each record keeps its transaction's ``xid8``;
+  the stream serves records below the oldest running transaction, ordered by ``(xid, id)``.
 - **One clock.** ``recordedAt`` and the entity's times are the database's
   ``clock_timestamp()``, read under the lock, so records of one entity are in time order
   even when the replicas' clocks differ.
@@ -68,8 +75,10 @@ from opscore import audit
 from opscore.errors import (
     CommitOutcomeUnknown,
     IdempotencyKeyInUse,
+    InvalidPosition,
     NoSchema,
     NotOpsCore,
+    OpsCoreError,
     RevisionConflict,
     StorageError,
     Unavailable,
@@ -79,6 +88,7 @@ from opscore.errors import (
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage import sql
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer
+from opscore.storage.pgwrite import GroupWriter, ReadCoalescer, plain
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     LABEL_COLUMNS,
@@ -95,7 +105,7 @@ from opscore.storage.rows import (
     timer_from_row,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -201,6 +211,14 @@ MIGRATIONS: dict[int, list[Migration]] = {
         "CREATE INDEX labels_value ON labels (entity_type, key, value, created_at, entity_id)",
         _backfill_labels,
     ],
+    # 3: the live stream in commit order (DESIGN §10). Each record keeps the id of the transaction
+    # that wrote it (xid8, never wraps); records written before have 0, so they come first, in id
+    # order, as they were served. New rows get it from the column default: every insert path has it.
+    3: [
+        "ALTER TABLE audit ADD COLUMN xid xid8 NOT NULL DEFAULT '0'",
+        "ALTER TABLE audit ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
+        "CREATE INDEX audit_commit ON audit (xid, id)",
+    ],
 }
 
 VERIFY_CHUNK = 5000
@@ -238,6 +256,55 @@ _UPSERT_LABELS = (
 )
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status, body) VALUES (%s,%s,%s,%s,%s)"
 _NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text"
+# -- the group commit's statements (opscore/storage/pgwrite.py batches, these write) ---------------
+# Rows are locked in key order, so two replicas' batches never wait on each other in a cycle.
+_SELECT_MANY = (
+    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
+    "(SELECT * FROM json_to_recordset(%s::json) AS k(t text, i text))"
+)
+_LOCK_MANY = (
+    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
+    "(SELECT * FROM json_to_recordset(%s::json) AS k(t text, i text)) ORDER BY entity_type, entity_id FOR UPDATE"
+)
+# After the locks: the batch's record ids (so within a chain ids grow with seq, as in _LOCK_ENTITY).
+_NEXT_RECORDS = (
+    "SELECT ARRAY(SELECT nextval('audit_ids') FROM generate_series(1, %s)), clock_timestamp(), "
+    "pg_current_xact_id()::text"
+)
+# Rows travel as ONE json parameter (json.dumps is C; psycopg dumps a text[] element by element
+# with a regex, which cost more than the rest of the batch). ``json``, never ``jsonb``: strings
+# come back exactly as sent; one PostgreSQL cannot hold (a NUL) fails the batch, which then
+# runs change by change and refuses that one alone.
+_ENTITY_ROW = (
+    "entity_type text, entity_id text, state text, revision int8, seq int8, head_hash text, data text, "
+    "created_at text, updated_at text, last_seen_at text, last_report_at text, last_details text, caps json"
+)
+_ENTITY_KEYS = (*ENTITY_COLUMNS.split(", "), "caps")
+_CAPS = "ARRAY(SELECT json_array_elements_text(u.caps))"
+_CREATE_MANY = (
+    f"INSERT INTO entities ({ENTITY_COLUMNS}, capabilities) "
+    "SELECT u.entity_type, u.entity_id, u.state, u.revision, u.seq, u.head_hash, u.data, u.created_at, "
+    f"u.updated_at, u.last_seen_at, u.last_report_at, u.last_details, {_CAPS} "
+    f"FROM json_to_recordset(%s::json) AS u({_ENTITY_ROW}) "
+    "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING entity_type, entity_id"
+)
+# Compare-and-set on what the batch read under the lock (revision and seq): every row comes back,
+# and one that did not would fail the batch (then each change runs alone) rather than commit a fork.
+# data and capabilities are rewritten only by a change that has data (u.data not NULL).
+_UPDATE_KEYS = ("t", "i", "s", "r", "q", "h", "d", "caps", "u", "ls", "lr", "ld", "rw", "sq")
+_UPDATE_MANY = (
+    "UPDATE entities e SET state = u.s, revision = u.r, seq = u.q, head_hash = u.h, "
+    "data = COALESCE(u.d, e.data), updated_at = u.u, last_seen_at = u.ls, last_report_at = u.lr, last_details = u.ld, "
+    f"capabilities = CASE WHEN u.d IS NULL THEN e.capabilities ELSE {_CAPS} END "
+    "FROM json_to_recordset(%s::json) AS u(t text, i text, s text, r int8, q int8, h text, d text, caps json, "
+    "u text, ls text, lr text, ld text, rw int8, sq int8) "
+    "WHERE e.entity_type = u.t AND e.entity_id = u.i AND e.revision = u.rw AND e.seq = u.sq RETURNING 1"
+)
+_AUDIT_KEYS = ("id", "t", "i", "q", "o", "at", "b", "r")
+_INSERT_AUDIT_MANY = (
+    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision) "
+    "SELECT * FROM json_to_recordset(%s::json) AS a(id int8, t text, i text, q int8, o text, at text, b text, r int8)"
+)
 OUTCOME_WAIT_SECONDS = 10.0
 """How long a write whose COMMIT lost its connection waits to learn whether it committed."""
 _CLAIMED_COLUMNS = ", ".join("t." + c for c in TIMER_COLUMNS.split(", "))
@@ -250,6 +317,8 @@ class _Attempt:
     backend_pid: int | None = None
     xid: str | None = None
     result: Committed | None = None
+    sent: bool = False
+    """The transaction's work is done and COMMIT goes out next (the group commit's mark)."""
 
 
 def _capabilities(data: dict[str, Any]) -> list[str]:
@@ -267,6 +336,21 @@ def _utc_text(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def _position(xid: str, record_id: int) -> str:
+    return str(record_id) if xid == "0" else f"{xid}-{record_id}"
+
+
+def _stream_position(position: str) -> tuple[int, int]:
+    """``(xid, id)`` of a stream position; ``InvalidPosition`` for anything this store never hands out."""
+    xid, sep, record_id = position.partition("-")
+    if not sep:
+        xid, record_id = "0", position
+    for part in (xid, record_id):
+        if not part.isascii() or not part.isdigit() or len(part) > 19:
+            raise InvalidPosition()
+    return int(xid), int(record_id)
+
+
 def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
     for (body,) in bodies:
         verifier.add(json.loads(body))
@@ -274,6 +358,44 @@ def _feed(verifier: audit.ChainVerifier, bodies: list[tuple[str]]) -> None:
 
 def _entity_params(e: Entity) -> tuple[Any, ...]:
     return (*entity_values(e), _capabilities(e.data))
+
+
+_PENDING: Any = None
+
+
+def _rows(keys: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """Rows as the one JSON parameter a set-based statement reads with ``json_to_recordset``."""
+    return json.dumps([dict(zip(keys, row, strict=True)) for row in rows], ensure_ascii=False)
+
+
+def _create_row(outcome: Committed | Exception) -> tuple[Any, ...]:
+    assert isinstance(outcome, Committed)
+    e = outcome.entity
+    return (*entity_values(e), _capabilities(e.data))
+
+
+def _update_row(change: Change, outcome: Committed | Exception, current: Entity) -> tuple[Any, ...]:
+    """The new row for ``_UPDATE_MANY``; data (and capabilities) only when the change brought data."""
+    assert isinstance(outcome, Committed)
+    e = outcome.entity
+    data = None if change.data is None else dumps(e.data)
+    caps = None if change.data is None else _capabilities(e.data)
+    return (
+        e.entity_type,
+        e.entity_id,
+        e.state,
+        e.revision,
+        e.seq,
+        e.head_hash,
+        data,
+        caps,
+        e.updated_at,
+        e.last_seen_at,
+        e.last_report_at,
+        dumps(e.last_details),
+        current.revision,
+        current.seq,
+    )
 
 
 _WRITES: dict[tuple[bool, bool, bool, int], str] = {}
@@ -357,6 +479,8 @@ class PostgresStore(Store):
         timeout: float | None = None,
         readonly: bool = False,
         pooler: str = "none",
+        max_batch: int = 256,
+        writers: int = 1,
     ) -> None:
         self.url = url
         self.readonly = readonly
@@ -368,6 +492,17 @@ class PostgresStore(Store):
         self.timeout = timeout if timeout is not None else 10.0
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
         self._version = SCHEMA_VERSION
+        self._reads = ReadCoalescer(self._get_set)
+        self._writer = GroupWriter(self._commit_set, self._apply_alone, max_batch=max_batch, writers=writers)
+
+    @property
+    def batches(self) -> int:
+        """Group commits so far (benchmarks report the mean batch)."""
+        return self._writer.batches
+
+    @property
+    def batched(self) -> int:
+        return self._writer.batched
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -393,6 +528,8 @@ class PostgresStore(Store):
         except BaseException:
             await self.close()
             raise
+        if not self.readonly:
+            self._writer.start()
 
     def connect_kwargs(self) -> dict[str, Any]:
         """What every pooled connection is opened with; behind a transaction pooler, no prepared statements."""
@@ -402,6 +539,7 @@ class PostgresStore(Store):
         return kwargs
 
     async def close(self) -> None:
+        await self._writer.stop()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -477,25 +615,170 @@ class PostgresStore(Store):
             raise Unavailable(f"PostgreSQL cannot commit: {exc.detail}") from exc
 
     async def get(self, entity_type: str, entity_id: str) -> Entity | None:
+        """Joins the reads waiting at the same moment (:class:`~opscore.storage.pgwrite.ReadCoalescer`)."""
+        found: Entity | None = await self._reads.get((entity_type, entity_id))
+        return found
+
+    async def _get_set(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
         async with self._connection() as conn:
-            row = await (await conn.execute(_SELECT_ENTITY, (entity_type, entity_id))).fetchone()
-        return None if row is None else entity_from_row(row)
+            if len(keys) == 1:
+                rows = await (await conn.execute(_SELECT_ENTITY, keys[0])).fetchall()
+            else:
+                param = json.dumps([{"t": t, "i": i} for t, i in keys], ensure_ascii=False)
+                rows = await (await conn.execute(_SELECT_MANY, (param,))).fetchall()
+        return {(row[0], row[1]): entity_from_row(row) for row in rows}
 
     async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
-        """One query for all of them (a run's tasks), in the order asked."""
+        """One query for all of them (a run's tasks, a batch of reports), in the order asked."""
         if not entity_ids:
             return []
-        async with self._connection() as conn:
-            rows = await (
-                await conn.execute(
-                    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE entity_type = %s AND entity_id = ANY(%s)",
-                    (entity_type, list(entity_ids)),
-                )
-            ).fetchall()
-        found = {row[1]: entity_from_row(row) for row in rows}
-        return [found.get(entity_id) for entity_id in entity_ids]
+        found = await self._get_set(list(dict.fromkeys((entity_type, i) for i in entity_ids)))
+        return [found.get((entity_type, entity_id)) for entity_id in entity_ids]
 
     async def apply(self, change: Change) -> Committed:
+        """A plain change joins the group commit (:mod:`opscore.storage.pgwrite`); others commit alone."""
+        if self._writer.running and plain(change):
+            return await self._writer.submit(change)
+        return await self._apply_alone(change)
+
+    async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
+        """The plain changes queued together (they share batches); the others each alone, in turn."""
+        out: list[Committed | Exception | None] = [None] * len(changes)
+        grouped = [n for n, c in enumerate(changes) if plain(c)] if self._writer.running else []
+        waiting = self._writer.submit_many([changes[n] for n in grouped]) if grouped else None
+        together = asyncio.ensure_future(waiting) if waiting is not None else None
+        alone = set(grouped)
+        for n, change in enumerate(changes):
+            if n not in alone:
+                try:
+                    out[n] = await self._apply_alone(change)
+                except Exception as exc:  # noqa: BLE001 - handed back to the caller of this change
+                    out[n] = exc
+        if together is not None:
+            for n, answer in zip(grouped, await together, strict=True):
+                out[n] = answer
+        return out  # type: ignore[return-value]
+
+    async def _commit_set(self, changes: list[Change]) -> list[Committed | Exception] | None:
+        """The group writer's batch in ONE transaction; ``None`` when it failed as a whole (nothing committed).
+
+        Raises ``Unavailable`` when the connection broke: before COMMIT went out nothing
+        committed; while it was in flight :meth:`_settle` finds out, so every caller hears the
+        truth (the batch's answers, 503, or ``commit_outcome_unknown``).
+        """
+        attempt = _Attempt()
+        try:
+            async with self._connection() as conn:
+                attempt.backend_pid = conn.info.backend_pid
+                async with conn.transaction():
+                    outcomes, redo = await self._apply_set(conn, changes, attempt)
+                    attempt.sent = True
+        except Unavailable as exc:
+            if not (attempt.sent and attempt.xid is not None and await self._settle(attempt)):
+                self.write_failed(exc.detail)
+                raise
+        except (StorageError, RevisionConflict, Unstorable, ValueError) as exc:  # a refused value, a deadlock
+            detail = (
+                exc.detail if isinstance(exc, OpsCoreError) else repr(exc)
+            )  # (ValueError: text psycopg cannot encode)
+            log.warning("PostgreSQL batch rolled back", extra={"changes": len(changes), "error": detail})
+            return None  # nothing committed: the writer applies each change alone
+        self.last_write_error = None
+        if redo:  # created meanwhile by another transaction: each applied again, on the row now there
+            for n, answer in zip(redo, await asyncio.gather(*(self._solo(changes[n]) for n in redo)), strict=True):
+                outcomes[n] = answer
+        return outcomes
+
+    async def _solo(self, change: Change) -> Committed | Exception:
+        try:
+            return await self._apply_alone(change)
+        except Exception as exc:  # noqa: BLE001 - this change's answer
+            return exc
+
+    async def _apply_set(
+        self, conn: Connection, changes: list[Change], attempt: _Attempt
+    ) -> tuple[list[Committed | Exception], list[int]]:
+        """Lock every entity of the batch, decide each change on its locked row, write them set-wise.
+
+        Statements: lock and read, ids and clock, [create], update (compare-and-set), audit
+        insert, [labels]: the same handful for one change or for hundreds. A change refused
+        by :func:`~opscore.storage.base.next_entity` (revision moved, unknown entity) is
+        answered alone and writes nothing. Returns each change's outcome and the places of
+        the changes whose entity another transaction created meanwhile (to apply again).
+        """
+        keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in changes], ensure_ascii=False)
+        rows = await (await conn.execute(_LOCK_MANY, (keys,))).fetchall()
+        found = {(r[0], r[1]): r for r in rows}
+        wanted = sum(1 for c in changes if c.record is not None)
+        head = await (await conn.execute(_NEXT_RECORDS, (wanted,))).fetchone()
+        assert head is not None
+        record_ids, clock, attempt.xid = sorted(head[0]), head[1], head[2]
+        now = _utc_text(clock)
+        outcomes: list[Committed | Exception] = [_PENDING] * len(changes)
+        creates: list[int] = []
+        updates: list[tuple[int, Entity]] = []
+        next_id = 0
+        for n, change in enumerate(changes):
+            row = found.get((change.entity_type, change.entity_id))
+            current = None if row is None else entity_from_row(row)
+            record_id = None
+            if change.record is not None:
+                record_id = record_ids[next_id]
+                next_id += 1
+            try:
+                new, record, created = next_entity(current, change, now=now, record_id=record_id)
+            except (OpsCoreError, ValueError) as exc:
+                outcomes[n] = exc
+                continue
+            outcomes[n] = Committed(new, record, created)
+            if created:
+                creates.append(n)
+            else:
+                assert current is not None
+                updates.append((n, current))
+        redo: list[int] = []
+        if creates:
+            made = await (
+                await conn.execute(_CREATE_MANY, (_rows(_ENTITY_KEYS, [_create_row(outcomes[n]) for n in creates]),))
+            ).fetchall()
+            won = {(r[0], r[1]) for r in made}
+            redo = [n for n in creates if (changes[n].entity_type, changes[n].entity_id) not in won]
+        if updates:
+            rows_json = _rows(_UPDATE_KEYS, [_update_row(changes[n], outcomes[n], current) for n, current in updates])
+            moved = await (await conn.execute(_UPDATE_MANY, (rows_json,))).fetchall()
+            if len(moved) != len(updates):  # cannot happen under the locks; never commit a fork if it does
+                raise StorageError(f"{len(updates) - len(moved)} rows of a batch moved under their lock")
+        lost = set(redo)
+        audit_rows: list[tuple[Any, ...]] = []
+        label_sets: list[tuple[Any, ...]] = []
+        for n, outcome in enumerate(outcomes):
+            if n in lost or not isinstance(outcome, Committed):
+                continue
+            new, record = outcome.entity, outcome.record
+            if record is not None:
+                audit_rows.append(
+                    (
+                        record["id"],
+                        new.entity_type,
+                        new.entity_id,
+                        record["seq"],
+                        record["outcome"],
+                        record["recordedAt"],
+                        dumps(record),
+                        new.revision,
+                    )
+                )
+            if new.entity_type in LABELLED:
+                row = found.get((new.entity_type, new.entity_id))
+                label_sets.extend(label_rows(None if row is None else entity_from_row(row), new))
+        if audit_rows:
+            await conn.execute(_INSERT_AUDIT_MANY, (_rows(_AUDIT_KEYS, audit_rows),))
+        if label_sets:
+            rows_sql = ",".join(["(%s,%s,%s,%s,%s)"] * len(label_sets))
+            await conn.execute(_UPSERT_LABELS.format(rows=rows_sql), [v for r in label_sets for v in r])
+        return outcomes, redo
+
+    async def _apply_alone(self, change: Change) -> Committed:
         """One transaction, normally four statements: BEGIN, lock and read, one write, COMMIT.
 
         When the connection breaks after COMMIT was sent, the write may or may not have
@@ -628,6 +911,70 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             rows = await (await conn.execute(sql, params)).fetchall()
         return [(int(r[0]), str(r[1])) for r in rows]
+
+    # -- the live stream in commit order (DESIGN §10) ---------------------------------------------
+    #
+    # Record ids come from a sequence, so under concurrent transactions (several writers, several
+    # replicas) they become visible out of id order: a reader that paged by id past 41 could miss
+    # 40 committing a moment later. Positions are (xid, id) instead: the writing transaction's id,
+    # and only records whose transaction is older than the oldest one still running
+    # (pg_snapshot_xmin of the current snapshot) are served. Such a transaction has finished, so
+    # its records are all visible now or never; any transaction still to commit has a larger xid
+    # than every position handed out. Served in (xid, id) order, a reader resuming after a
+    # position gets every later record once. The cost: a record is served once every older
+    # transaction in the cluster has ended (normally milliseconds; a transaction left open holds
+    # the stream back, never loses a record).
+
+    async def stream_page(self, after: str, query: AuditQuery) -> list[tuple[str, str]]:
+        if self._version < 3:
+            return await super().stream_page(after, query)
+        xid, record_id = _stream_position(after)
+        sql = [
+            "SELECT xid::text, id, body FROM audit WHERE (xid, id) > (%s::text::xid8, %s) "
+            "AND xid < pg_snapshot_xmin(pg_current_snapshot())"
+        ]
+        params: list[Any] = [str(xid), record_id]
+        for column, value in (
+            ("entity_type", query.entity_type),
+            ("entity_id", query.entity_id),
+            ("outcome", query.outcome),
+        ):
+            if value is not None:
+                sql.append(f"AND {column} = %s")
+                params.append(value)
+        if query.entity_ids is not None:
+            sql.append("AND entity_id = ANY(%s)")
+            params.append(list(query.entity_ids))
+        if query.entity_types is not None:
+            sql.append("AND entity_type = ANY(%s)")
+            params.append(list(query.entity_types))
+        if query.since is not None:
+            sql.append("AND recorded_at >= %s")
+            params.append(query.since)
+        if query.until is not None:
+            sql.append("AND recorded_at <= %s")
+            params.append(query.until)
+        sql.append("ORDER BY xid, id LIMIT %s")
+        params.append(query.limit)
+        async with self._connection() as conn:
+            rows = await (await conn.execute(" ".join(sql), params)).fetchall()
+        return [(_position(str(x), int(i)), str(body)) for x, i, body in rows]
+
+    async def stream_head(self) -> str:
+        if self._version < 3:
+            return await super().stream_head()
+        async with self._connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT xid::text, id FROM audit WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) "
+                    "ORDER BY xid DESC, id DESC LIMIT 1"
+                )
+            ).fetchone()
+        return "0" if row is None else _position(str(row[0]), int(row[1]))
+
+    def parse_position(self, position: str) -> int:
+        """Positions are ``<xid>-<id>`` (opaque to clients); a bare id is one handed out before schema 3."""
+        return _stream_position(position)[1]
 
     async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
         """The seek of :func:`opscore.storage.rows.seek`, every step on one pooled connection."""

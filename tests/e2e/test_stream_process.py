@@ -20,12 +20,11 @@ from tests.servers import Server
 from tests.sse import Event, Parser
 
 V1 = "/v1/opscore"
-WRITERS = {"sqlite": 4, "postgresql": 1}
-"""Concurrent writers per backend. PostgreSQL's positions are record ids until its store gives them
-in commit order (the storage port's PostgreSQL implementation, tested with several replicas by its
-own storage test): with 4 writers on one replica this reader missed 5 of 600 records that committed
-after a higher id had been read. One writer keeps id order = commit order, so the resumption itself
-is tested here on both backends; raise it to 4 once that store lands."""
+WRITERS = {"sqlite": 4, "postgresql": 4}
+"""Concurrent writers per backend. On PostgreSQL they write through two replicas (two writers each)
+and the reader alternates between the replicas: positions are (transaction id, record id) served
+below the oldest running transaction (opscore/storage/postgres.py), so no record that commits
+late behind a higher id is skipped, whichever replica wrote it."""
 
 
 def all_positions(server: Server) -> list[int]:
@@ -65,14 +64,18 @@ def read_some(server: Server, last: str, wanted: int, deadline: float) -> tuple[
 def test_a_reader_resuming_after_random_drops_gets_every_record_once_in_order(
     database_url: str, tmp_path: Path
 ) -> None:
+    backend = database_url.split(":")[0]
     server = Server(database_url=database_url, log_path=tmp_path / "server.log").start()
+    servers = [server]
     try:
-        writers = WRITERS[database_url.split(":")[0]]
+        if backend == "postgresql":
+            servers.append(Server(database_url=database_url, log_path=tmp_path / "server-2.log").start())
+        writers = WRITERS[backend]
         per_writer = 600 // writers
         errors: list[str] = []
 
         def write(n: int) -> None:
-            with server.client() as client:
+            with servers[n % len(servers)].client() as client:
                 for i in range(per_writer):
                     agent = f"w{n}-{i % 10}"
                     state = ("idle", "active")[(i // 10) % 2]
@@ -89,7 +92,7 @@ def test_a_reader_resuming_after_random_drops_gets_every_record_once_in_order(
         last, drops = "0", 0
         deadline = time.monotonic() + 120
         while True:
-            got, idle = read_some(server, last, rng.randint(1, 60), deadline)
+            got, idle = read_some(servers[drops % len(servers)], last, rng.randint(1, 60), deadline)
             received.extend(got)
             if got:
                 last = got[-1].id or last
@@ -101,20 +104,26 @@ def test_a_reader_resuming_after_random_drops_gets_every_record_once_in_order(
             thread.join()
         assert not errors, errors[:3]
         expected = all_positions(server)
-        positions = [int(e.id or 0) for e in received]
+        ids = [int(json.loads(e.data)["id"]) for e in received]  # positions are opaque; records carry ids
         assert len(expected) >= writers * per_writer  # refusals are records too
-        duplicates = len(positions) - len(set(positions))
-        missing = sorted(set(expected) - set(positions))
+        duplicates = len(ids) - len(set(ids))
+        missing = sorted(set(expected) - set(ids))
         print(
-            f"stream over {database_url.split(':')[0]}: delivered {len(positions)}, expected {len(expected)}, "
-            f"duplicates {duplicates}, missing {len(missing)}, reconnections {drops}"
+            f"stream over {backend} ({len(servers)} replica(s), {writers} writers): delivered {len(ids)}, "
+            f"expected {len(expected)}, duplicates {duplicates}, missing {len(missing)}, reconnections {drops}"
         )
-        assert duplicates == 0 and not missing
-        assert positions == expected  # one order: the store's
-        # the data of each event is the stored record
-        assert all(json.loads(e.data)["id"] == int(e.id or 0) for e in received)
+        assert duplicates == 0 and not missing and len(ids) == len(expected)
+        positions = [e.id or "" for e in received]
+        assert len(set(positions)) == len(positions)
+        if backend == "sqlite":
+            assert ids == expected  # one writer: commit order is id order
+            assert positions == [str(i) for i in ids]
+        else:  # one order across replicas: (transaction, id), growing
+            keys = [tuple(int(part) for part in p.split("-")) for p in positions]
+            assert keys == sorted(keys)
     finally:
-        server.stop()
+        for srv in servers:
+            srv.stop()
 
 
 def raw_stream(server: Server, path: str, extra: str = "", rcvbuf: int | None = None) -> socket.socket:

@@ -1,0 +1,253 @@
+"""Group commit for the PostgreSQL store: many replicas' worth of changes, one transaction per batch.
+
+One transaction per change made PostgreSQL the slow backend: each change paid BEGIN, a locked
+read, a write and COMMIT, four round trips and about as much Python in psycopg and the pool as
+the whole decision. :class:`GroupWriter` does for PostgreSQL what the SQLite writer thread does
+for SQLite: changes go into an :class:`asyncio.Queue`, a writer task takes everything that
+arrived while its previous COMMIT was in flight (at most ``max_batch``), and the store commits
+them in ONE transaction of a handful of set-based statements
+(:meth:`~opscore.storage.postgres.PostgresStore.apply_set`). The batching lives here; the SQL
+stays in the store.
+
+The promises, each kept per change:
+
+- **Answered after COMMIT.** A caller's future resolves only once the batch's COMMIT returned
+  (or, when the connection broke while COMMIT was in flight, once
+  :meth:`~opscore.storage.postgres.PostgresStore.settle` has found out whether it committed:
+  committed → every change's normal answer; not → 503 for every change; unknown → 503
+  ``commit_outcome_unknown``).
+- **Refused alone.** A change whose compare-and-set fails under the row lock (another replica
+  moved the entity since the engine read it) is answered ``RevisionConflict`` alone, as the
+  one-transaction path answers it, and the engine decides it again from a fresh read; the
+  rest of the batch commits.
+- **Isolated when the batch fails.** When the batch's transaction fails as a whole (a value
+  PostgreSQL refuses, a deadlock between creates), nothing of it committed, and each of its
+  changes is applied again in a transaction of its own, so one bad change fails alone (the
+  SQLite writer's ``_run_batch`` does the same). A broken connection fails the batch with 503
+  without retrying: nothing committed, and the database is not there to retry on.
+- **One change per entity per batch.** A second change to an entity already in the batch waits
+  for the next one (the engine's per-entity lock makes that rare), so each change is applied
+  to the row as the previous one left it.
+
+Only *plain* changes come here (no ``Idempotency-Key`` answer, no timers): the hot path of
+state reports and triggers. The others keep the one-transaction path, whose statements they
+need anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opscore.errors import OpsCoreError, StorageError, Unavailable
+from opscore.models import Change, Committed
+
+log = logging.getLogger("opscore.storage")
+
+Outcome = Committed | Exception
+
+_Job = tuple[Change, "asyncio.Future[Committed]"]
+
+BatchCommit = Callable[[list[Change]], Awaitable[list[Outcome] | None]]
+"""Commits changes in one transaction: each change's outcome, or ``None`` when the batch did not commit
+(and may be retried change by change); raises ``Unavailable``/``CommitOutcomeUnknown`` for all of them."""
+SoloCommit = Callable[[Change], Awaitable[Committed]]
+"""Commits one change in a transaction of its own (the isolation path)."""
+
+
+def plain(change: Change) -> bool:
+    """Whether ``change`` can go in a group commit: nothing but an entity row, a record and labels."""
+    return change.idempotency is None and not change.timers and not change.cancel_timers
+
+
+class GroupWriter:
+    """``writers`` tasks draining one queue; each commits one batch at a time."""
+
+    def __init__(self, commit: BatchCommit, solo: SoloCommit, *, max_batch: int = 256, writers: int = 1) -> None:
+        self._commit = commit
+        self._solo = solo
+        self.max_batch = max_batch
+        self.writers = max(1, writers)
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._held: deque[_Job] = deque()
+        """Jobs whose entity was already in the batch being gathered: first in the next batch."""
+        self._tasks: list[asyncio.Task[None]] = []
+        self.batches = 0
+        self.batched = 0
+
+    def start(self) -> None:
+        """Start the writer tasks on the running loop (a store may be opened again in another loop)."""
+        if not self._tasks:
+            self._queue = asyncio.Queue()
+            self._held = deque()
+            self._tasks = [asyncio.create_task(self._run(), name=f"opscore-pg-writer-{n}") for n in range(self.writers)]
+
+    async def stop(self) -> None:
+        """Let queued changes commit, then end the writer tasks."""
+        tasks, self._tasks = self._tasks, []
+        for _ in tasks:
+            self._queue.put_nowait(None)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
+    async def submit(self, change: Change) -> Committed:
+        if not self._tasks:
+            raise StorageError("the PostgreSQL store is not open for writing")
+        future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((change, future))
+        return await future
+
+    async def submit_many(self, changes: list[Change]) -> list[Outcome]:
+        """All of them queued at once, so they share batches; each answered in its place."""
+        if not self._tasks:
+            raise StorageError("the PostgreSQL store is not open for writing")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Committed]] = []
+        for change in changes:
+            future: asyncio.Future[Committed] = loop.create_future()
+            futures.append(future)
+            self._queue.put_nowait((change, future))
+        out: list[Outcome] = []
+        for future in futures:
+            try:
+                out.append(await future)
+            except Exception as exc:  # noqa: BLE001 - this change's answer
+                out.append(exc)
+        return out
+
+    # -- the writer task ----------------------------------------------------------------------
+
+    def _gather(self, first: _Job | None) -> tuple[list[_Job], bool]:
+        """The next batch: held jobs first, then what is queued; ``True`` when told to stop."""
+        batch: list[_Job] = []
+        keys: set[tuple[str, str]] = set()
+        stop = False
+        held, self._held = self._held, deque()
+        pending: list[_Job] = list(held)
+        if first is not None:
+            pending.append(first)
+        queue = self._queue
+        while True:
+            while pending and len(batch) < self.max_batch:
+                job = pending.pop(0)
+                key = (job[0].entity_type, job[0].entity_id)
+                if key in keys:
+                    self._held.append(job)
+                else:
+                    keys.add(key)
+                    batch.append(job)
+            if len(batch) >= self.max_batch or stop:
+                break
+            try:
+                nxt = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if nxt is None:
+                stop = True
+                continue
+            pending.append(nxt)
+        self._held.extend(pending)
+        return batch, stop
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            first = None
+            if not self._held:
+                first = await queue.get()
+                if first is None:
+                    return
+            batch, stop = self._gather(first)
+            if batch:
+                try:
+                    await self._run_batch(batch)
+                except BaseException as exc:  # a bug here must not leave callers waiting forever
+                    _answer_all(batch, StorageError(f"the PostgreSQL writer failed: {exc!r}"))
+                    if not isinstance(exc, Exception):
+                        raise
+            if stop:
+                while self._held:  # stopping: what is still held goes out too
+                    rest, _ = self._gather(None)
+                    await self._run_batch(rest)
+                return
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        changes = [job[0] for job in batch]
+        try:
+            outcomes = await self._commit(changes)
+        except (Unavailable, StorageError) as exc:  # broke (COMMIT's fate settled by the store): all alike
+            _answer_all(batch, exc)
+            return
+        self.batches += 1
+        self.batched += len(batch)
+        if outcomes is None:  # the batch failed as a whole: each change in a transaction of its own
+            log.warning("a PostgreSQL batch failed; retrying its changes one by one", extra={"changes": len(batch)})
+            outcomes = list(await asyncio.gather(*(self._alone(c) for c in changes)))
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _alone(self, change: Change) -> Outcome:
+        try:
+            return await self._solo(change)
+        except Exception as exc:  # noqa: BLE001 - this change's answer
+            return exc
+
+
+def _answer_all(batch: list[_Job], exc: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc if isinstance(exc, OpsCoreError) else StorageError(str(exc)))
+
+
+Key = tuple[str, str]
+
+
+class ReadCoalescer:
+    """Point reads that arrive together answered by ONE query (the engine reads before each decision).
+
+    Under load, hundreds of ``get`` calls are waiting at once, each paying a pool checkout and a
+    statement in psycopg, which cost more Python than the rest of a transition. A read joins
+    the next query only if it has not been sent yet, so a read started after a commit was
+    answered still sees that commit.
+    """
+
+    def __init__(self, fetch: Callable[[list[Key]], Awaitable[dict[Key, Any]]], *, max_batch: int = 512) -> None:
+        self._fetch = fetch
+        self.max_batch = max_batch
+        self._waiting: list[tuple[Key, asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, key: Key) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            try:
+                found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else StorageError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for key, future in batch:
+                if not future.done():
+                    future.set_result(found.get(key))

@@ -1,0 +1,284 @@
+"""PostgreSQL's group commit (opscore/storage/pgwrite.py): per-change answers from one shared transaction.
+
+Each test drives real stores on a fresh schema: a change that lost its compare-and-set to
+another replica is refused alone while the rest of its batch commits, a change PostgreSQL
+refuses is isolated (the others still commit), and when the connection is cut during the
+batch's COMMIT every caller hears the truth, found out before any of them is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from opscore import audit
+from opscore.errors import RevisionConflict, Unavailable, Unstorable
+from opscore.models import Change, Committed, Entity
+from opscore.storage.postgres import PostgresStore
+from tests.conftest import PG_URL
+from tests.storage.test_pg_commit_outcome import proxied_store
+
+pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    from tests.pg import fresh_schema
+
+    with fresh_schema(PG_URL) as url:
+        yield url
+
+
+def move(entity_id: str, state: str, revision: int, source: str | None = None) -> Change:
+    """A change to ``state`` from ``source`` (default: the state the tests' walk was in at ``revision``)."""
+    if source is None and revision > 0:
+        source = "idle" if state == "active" else "active"
+    draft = audit.draft(
+        entity_type="agent",
+        entity_id=entity_id,
+        event="go",
+        source=source,
+        dest=state,
+        outcome="applied",
+        reason=None,
+        actor="key:test",
+        request_id=None,
+        details={},
+        reported_at=None,
+    )
+    return Change(
+        "agent",
+        entity_id,
+        create=Entity("agent", entity_id, "registered"),
+        expected_revision=revision,
+        state=state,
+        record=draft,
+    )
+
+
+def chains(url: str) -> dict[str, list[int]]:
+    """Each agent's record seqs, read beside the stores."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT entity_id, seq FROM audit ORDER BY entity_id, seq").fetchall()
+    out: dict[str, list[int]] = {}
+    for entity_id, seq in rows:
+        out.setdefault(entity_id, []).append(int(seq))
+    return out
+
+
+def test_a_change_that_lost_its_race_to_another_replica_is_refused_alone(pg_url: str) -> None:
+    async def scenario() -> None:
+        mine, theirs = PostgresStore(pg_url), PostgresStore(pg_url)
+        await mine.open()
+        await theirs.open()
+        try:
+            first = await mine.apply_many([move(f"a{n}", "idle", 0) for n in range(5)])
+            assert all(isinstance(c, Committed) for c in first)
+            await theirs.apply(move("a2", "active", 1))  # the other replica moves a2 to revision 2
+            batches = mine.batches
+            answers = await mine.apply_many([move(f"a{n}", "active", 1) for n in range(5)])
+            assert mine.batches == batches + 1  # the five went in one transaction
+            assert isinstance(answers[2], RevisionConflict)
+            assert answers[2].extra.get("revision") == 2
+            for n in (0, 1, 3, 4):
+                answer = answers[n]
+                assert isinstance(answer, Committed) and answer.entity.revision == 2
+            verified = await mine.verify()
+            assert verified.ok, verified.problems
+        finally:
+            await mine.close()
+            await theirs.close()
+        assert chains(pg_url) == {"a0": [1, 2], "a1": [1, 2], "a2": [1, 2], "a3": [1, 2], "a4": [1, 2]}
+
+    asyncio.run(scenario())
+
+
+def test_two_replicas_racing_batches_on_the_same_entities_never_fork_a_chain(pg_url: str) -> None:
+    """Both replicas submit batches on the same 20 agents; every change retried from a fresh read wins once."""
+
+    async def scenario() -> None:
+        stores = [PostgresStore(pg_url), PostgresStore(pg_url)]
+        for store in stores:
+            await store.open()
+        applied = [0, 0]
+        try:
+
+            async def walk(r: int, store: PostgresStore) -> None:
+                for step in range(15):
+                    pending = {f"r{n}" for n in range(20)}
+                    while pending:
+                        ids = sorted(pending)
+                        currents = await store.get_many("agent", ids)
+                        changes = [
+                            move(i, ("idle", "active")[step % 2], 0, None)
+                            if c is None
+                            else move(
+                                i,
+                                ("idle", "active")[step % 2]
+                                if c.state != ("idle", "active")[step % 2]
+                                else ("active", "idle")[step % 2],
+                                c.revision,
+                                c.state,
+                            )
+                            for i, c in zip(ids, currents, strict=True)
+                        ]
+                        for i, answer in zip(ids, await store.apply_many(changes), strict=True):
+                            if isinstance(answer, Committed):
+                                pending.discard(i)
+                                applied[r] += 1
+                            else:
+                                assert isinstance(answer, RevisionConflict), answer
+
+            await asyncio.gather(*(walk(r, s) for r, s in enumerate(stores)))
+            verified = await stores[0].verify()
+            assert verified.ok, verified.problems
+        finally:
+            for store in stores:
+                await store.close()
+        seqs = chains(pg_url)
+        assert sum(len(s) for s in seqs.values()) == sum(applied) == 2 * 15 * 20
+        assert all(s == list(range(1, len(s) + 1)) for s in seqs.values())  # gap-free, no fork
+
+    asyncio.run(scenario())
+
+
+def test_a_change_postgresql_refuses_fails_alone_and_the_rest_of_its_batch_commits(pg_url: str) -> None:
+    async def scenario() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            changes = [move("p0", "idle", 0), move("bad\x00id", "idle", 0), move("p2", "idle", 0)]
+            answers = await store.apply_many(changes)
+            assert isinstance(answers[1], Unstorable), answers[1]
+            assert isinstance(answers[0], Committed) and isinstance(answers[2], Committed)
+            assert await store.get("agent", "p0") is not None and await store.get("agent", "p2") is not None
+            again = await store.apply(move("p0", "active", 1))  # the writer goes on
+            assert again.entity.revision == 2
+        finally:
+            await store.close()
+        assert chains(pg_url) == {"p0": [1, 2], "p2": [1]}
+
+    asyncio.run(scenario())
+
+
+def test_callers_of_a_batch_whose_commit_answer_was_lost_are_told_it_committed(pg_url: str) -> None:
+    async def scenario() -> None:
+        async with proxied_store(pg_url) as (store, proxy):
+            await store.apply_many([move(f"c{n}", "idle", 0) for n in range(4)])
+            proxy.cut_after = b"COMMIT"
+            answers = await store.apply_many([move(f"c{n}", "active", 1) for n in range(4)])
+            assert proxy.cuts == 1
+            assert all(isinstance(a, Committed) and a.entity.revision == 2 for a in answers), answers
+            verified = await store.verify()
+            assert verified.ok, verified.problems
+        assert chains(pg_url) == {f"c{n}": [1, 2] for n in range(4)}
+
+    asyncio.run(scenario())
+
+
+def test_callers_of_a_batch_cut_before_commit_are_told_it_did_not_commit(pg_url: str) -> None:
+    async def scenario() -> None:
+        async with proxied_store(pg_url) as (store, proxy):
+            await store.apply_many([move(f"d{n}", "idle", 0) for n in range(4)])
+            proxy.cut_before = b"UPDATE entities"
+            answers = await store.apply_many([move(f"d{n}", "active", 1) for n in range(4)])
+            assert proxy.cuts == 1
+            assert all(isinstance(a, Unavailable) for a in answers), answers
+            retried = await store.apply_many([move(f"d{n}", "active", 1) for n in range(4)])  # nothing had committed
+            assert all(isinstance(a, Committed) and a.entity.revision == 2 for a in retried), retried
+        assert chains(pg_url) == {f"d{n}": [1, 2] for n in range(4)}
+
+    asyncio.run(scenario())
+
+
+def test_every_answer_is_given_after_its_commit(pg_url: str) -> None:
+    """As each caller hears back, another connection already sees its change."""
+
+    async def scenario() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        seen: list[bool] = []
+        try:
+            with psycopg.connect(pg_url, autocommit=True) as side:
+
+                async def one(n: int) -> None:
+                    await store.apply(move(f"v{n}", "idle", 0))
+                    row = side.execute("SELECT count(*) FROM audit WHERE entity_id = %s", (f"v{n}",)).fetchone()
+                    seen.append(row is not None and row[0] == 1)
+
+                await asyncio.gather(*(one(n) for n in range(50)))
+            assert store.batches < 50  # they shared transactions
+        finally:
+            await store.close()
+        assert seen == [True] * 50
+
+    asyncio.run(scenario())
+
+
+def test_reads_waiting_together_share_one_query_and_see_every_answered_commit(pg_url: str) -> None:
+    async def scenario() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            await store.apply_many([move(f"g{n}", "idle", 0) for n in range(40)])
+            queries: list[int] = []
+            fetch = store._reads._fetch
+
+            async def counted(keys: list[tuple[str, str]]) -> dict[tuple[str, str], Entity]:
+                queries.append(len(keys))
+                found: dict[tuple[str, str], Entity] = await fetch(keys)
+                return found
+
+            store._reads._fetch = counted
+            got = await asyncio.gather(*(store.get("agent", f"g{n}") for n in range(40)), store.get("agent", "nobody"))
+            assert [None if g is None else g.entity_id for g in got] == [f"g{n}" for n in range(40)] + [None]
+            assert len(queries) < 5 and sum(queries) == 41, queries
+            for n in range(5):  # a read that starts after a commit was answered sees it
+                committed = await store.apply(move(f"g{n}", "active", 1))
+                seen = await store.get("agent", f"g{n}")
+                assert seen is not None and seen.revision == committed.entity.revision == 2
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_stream_never_passes_a_record_whose_transaction_is_still_open(pg_url: str) -> None:
+    """A record with a LOWER id that commits LATER is still delivered, once: positions follow commit order."""
+
+    async def scenario() -> None:
+        from opscore.models import AuditQuery
+
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            await store.apply(move("s0", "idle", 0))
+            head = await store.stream_head()
+            late = psycopg.connect(pg_url)  # a transaction of its own, left open
+            try:
+                late.execute(
+                    "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body) "
+                    "VALUES (nextval('audit_ids'), 'agent', 'late', 1, 'applied', '2026-01-01', '{\"late\":1}')"
+                )
+                await store.apply(move("s1", "idle", 0))  # a higher id, committed first
+                page = await store.stream_page(head, AuditQuery(limit=100))
+                assert page == []  # served only once everything older has finished
+                late.commit()
+            finally:
+                late.close()
+            for _ in range(200):  # another transaction anywhere in the cluster may hold the horizon a moment
+                page = await store.stream_page(head, AuditQuery(limit=100))
+                if len(page) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            texts = [text for _, text in page]
+            assert len(texts) == 2 and texts[0] == '{"late":1}' and '"s1"' in texts[1]
+            assert await store.stream_page(page[-1][0], AuditQuery(limit=100)) == []
+            assert await store.stream_head() == page[-1][0]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
