@@ -16,11 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from opscore import audit
 from opscore.errors import Unavailable
-from opscore.models import Change, Entity
+from opscore.models import Change
 from opscore.storage.postgres import PostgresStore
 from tests.conftest import PG_URL
+from tests.storage.changes import agent_change
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
 
@@ -131,27 +131,7 @@ async def proxied_store(url: str) -> AsyncIterator[tuple[PostgresStore, CuttingP
 
 
 def report(entity_id: str, state: str, revision: int) -> Change:
-    draft = audit.draft(
-        entity_type="agent",
-        entity_id=entity_id,
-        event="go",
-        source=None,
-        dest=state,
-        outcome="applied",
-        reason=None,
-        actor="key:test",
-        request_id=None,
-        details={},
-        reported_at=None,
-    )
-    return Change(
-        "agent",
-        entity_id,
-        create=Entity("agent", entity_id, "registered"),
-        expected_revision=revision,
-        state=state,
-        record=draft,
-    )
+    return agent_change(entity_id, state, revision)
 
 
 def stored_revision(url: str, entity_id: str) -> int:

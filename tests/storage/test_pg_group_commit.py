@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from opscore import audit
 from opscore.errors import RevisionConflict, Unavailable, Unstorable
 from opscore.models import Change, Committed, Entity
 from opscore.storage.postgres import PostgresStore
 from tests.conftest import PG_URL
+from tests.storage.changes import agent_change
 from tests.storage.test_pg_commit_outcome import proxied_store
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
@@ -36,27 +36,7 @@ def move(entity_id: str, state: str, revision: int, source: str | None = None) -
     """A change to ``state`` from ``source`` (default: the state the tests' walk was in at ``revision``)."""
     if source is None and revision > 0:
         source = "idle" if state == "active" else "active"
-    draft = audit.draft(
-        entity_type="agent",
-        entity_id=entity_id,
-        event="go",
-        source=source,
-        dest=state,
-        outcome="applied",
-        reason=None,
-        actor="key:test",
-        request_id=None,
-        details={},
-        reported_at=None,
-    )
-    return Change(
-        "agent",
-        entity_id,
-        create=Entity("agent", entity_id, "registered"),
-        expected_revision=revision,
-        state=state,
-        record=draft,
-    )
+    return agent_change(entity_id, state, revision, source=source)
 
 
 def chains(url: str) -> dict[str, list[int]]:

@@ -15,14 +15,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from opscore import audit
 from opscore.config import Settings
 from opscore.errors import OpsCoreError, Unavailable
-from opscore.models import Change, Entity
+from opscore.models import Change
 from opscore.storage import open_store
 from opscore.storage.postgres import PostgresStore
 from tests.conftest import PG_URL
 from tests.pgbouncer import PgBouncer, pgbouncer
+from tests.storage.changes import agent_change
 from tests.storage.test_pg_commit_outcome import CuttingProxy, through
 
 pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
@@ -30,21 +30,7 @@ pytestmark = pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPS
 
 def report(entity_id: str, source: str, state: str, revision: int) -> Change:
     """The change a state report from ``source`` to ``state`` makes (as the engine decides it)."""
-    draft = audit.draft(
-        entity_type="agent",
-        entity_id=entity_id,
-        event="report",
-        source=source,
-        dest=state,
-        outcome="applied",
-        reason=None,
-        actor="key:test",
-        request_id=None,
-        details={},
-        reported_at=None,
-    )
-    seed = Entity("agent", entity_id, "registered")
-    return Change("agent", entity_id, create=seed, expected_revision=revision, state=state, record=draft)
+    return agent_change(entity_id, state, revision, source=source, event="report")
 
 
 @pytest.fixture
