@@ -58,6 +58,14 @@ SoloCommit = Callable[[Change], Awaitable[Committed]]
 """Commits one change in a transaction of its own (the isolation path)."""
 
 
+async def answer_of(answer: Awaitable[Committed]) -> Outcome:
+    """The committed change, or the exception that is this change's answer (never raised here)."""
+    try:
+        return await answer
+    except Exception as exc:  # noqa: BLE001 - handed back to the caller of this change
+        return exc
+
+
 def plain(change: Change) -> bool:
     """Whether ``change`` can go in a group commit: nothing but an entity row, a record and labels."""
     return change.idempotency is None and not change.timers and not change.cancel_timers
@@ -114,13 +122,7 @@ class GroupWriter:
             future: asyncio.Future[Committed] = loop.create_future()
             futures.append(future)
             self._queue.put_nowait((change, future))
-        out: list[Outcome] = []
-        for future in futures:
-            try:
-                out.append(await future)
-            except Exception as exc:  # noqa: BLE001 - this change's answer
-                out.append(exc)
-        return out
+        return [await answer_of(future) for future in futures]
 
     # -- the writer task ----------------------------------------------------------------------
 
@@ -189,7 +191,7 @@ class GroupWriter:
         self.batched += len(batch)
         if outcomes is None:  # the batch failed as a whole: each change in a transaction of its own
             log.warning("a PostgreSQL batch failed; retrying its changes one by one", extra={"changes": len(batch)})
-            outcomes = list(await asyncio.gather(*(self._alone(c) for c in changes)))
+            outcomes = list(await asyncio.gather(*(answer_of(self._solo(c)) for c in changes)))
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue
@@ -197,12 +199,6 @@ class GroupWriter:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-
-    async def _alone(self, change: Change) -> Outcome:
-        try:
-            return await self._solo(change)
-        except Exception as exc:  # noqa: BLE001 - this change's answer
-            return exc
 
 
 def _answer_all(batch: list[_Job], exc: Exception) -> None:

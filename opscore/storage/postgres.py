@@ -88,7 +88,7 @@ from opscore.errors import (
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 from opscore.storage import sql
 from opscore.storage.base import IDEMPOTENCY_TTL, Store, next_entity, stored_answer
-from opscore.storage.pgwrite import GroupWriter, ReadCoalescer, plain
+from opscore.storage.pgwrite import GroupWriter, ReadCoalescer, answer_of, plain
 from opscore.storage.rows import (
     ENTITY_COLUMNS,
     LABEL_COLUMNS,
@@ -643,21 +643,13 @@ class PostgresStore(Store):
 
     async def apply_many(self, changes: list[Change]) -> list[Committed | Exception]:
         """The plain changes queued together (they share batches); the others each alone, in turn."""
-        out: list[Committed | Exception | None] = [None] * len(changes)
         grouped = [n for n, c in enumerate(changes) if plain(c)] if self._writer.running else []
-        waiting = self._writer.submit_many([changes[n] for n in grouped]) if grouped else None
-        together = asyncio.ensure_future(waiting) if waiting is not None else None
+        together = asyncio.ensure_future(self._writer.submit_many([changes[n] for n in grouped])) if grouped else None
         alone = set(grouped)
-        for n, change in enumerate(changes):
-            if n not in alone:
-                try:
-                    out[n] = await self._apply_alone(change)
-                except Exception as exc:  # noqa: BLE001 - handed back to the caller of this change
-                    out[n] = exc
+        out = {n: await answer_of(self._apply_alone(c)) for n, c in enumerate(changes) if n not in alone}
         if together is not None:
-            for n, answer in zip(grouped, await together, strict=True):
-                out[n] = answer
-        return out  # type: ignore[return-value]
+            out.update(zip(grouped, await together, strict=True))
+        return [out[n] for n in range(len(changes))]
 
     async def _commit_set(self, changes: list[Change]) -> list[Committed | Exception] | None:
         """The group writer's batch in ONE transaction; ``None`` when it failed as a whole (nothing committed).
@@ -685,15 +677,10 @@ class PostgresStore(Store):
             return None  # nothing committed: the writer applies each change alone
         self.last_write_error = None
         if redo:  # created meanwhile by another transaction: each applied again, on the row now there
-            for n, answer in zip(redo, await asyncio.gather(*(self._solo(changes[n]) for n in redo)), strict=True):
+            answers = await asyncio.gather(*(answer_of(self._apply_alone(changes[n])) for n in redo))
+            for n, answer in zip(redo, answers, strict=True):
                 outcomes[n] = answer
         return outcomes
-
-    async def _solo(self, change: Change) -> Committed | Exception:
-        try:
-            return await self._apply_alone(change)
-        except Exception as exc:  # noqa: BLE001 - this change's answer
-            return exc
 
     async def _apply_set(
         self, conn: Connection, changes: list[Change], attempt: _Attempt
