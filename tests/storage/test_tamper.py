@@ -41,10 +41,17 @@ AGENTS = ("t-1", "t-2", "t-3")
 CTX = Context(actor="key:tamper", request_id="r-tamper")
 
 
-async def populate(store: Store) -> None:
-    """Three agents along FLOW (7 applied records each) and one refusal each (seq 8)."""
+async def populate(store: Store, signed_once: Callable[[], Awaitable[None]]) -> None:
+    """Three agents along FLOW (7 applied records each) and one refusal each (seq 8).
+
+    ``signed_once`` is awaited after the first three records: the file then has a first line
+    before the rest arrive, however fast the machine (on a quiet one, all 24 records could
+    otherwise land before the checkpointer's first step and be signed in one line).
+    """
     engine = Engine(store)
-    for state in FLOW:
+    for n, state in enumerate(FLOW):
+        if n == 1:
+            await signed_once()
         for agent in AGENTS:
             await engine.report("agent", agent, state, ctx=CTX, create=Entity("agent", agent, "registered"))
     for agent in AGENTS:
@@ -84,7 +91,14 @@ class Scene:
                 poll=0.01,
             )
             await runner.start()  # before the records: a full first line, then lines of what moved
-            await populate(store)
+
+            async def signed_once() -> None:
+                for _ in range(3000):
+                    if runner.file.last is not None:
+                        return
+                    await asyncio.sleep(0.01)
+
+            await populate(store, signed_once)
             for _ in range(3000):  # up to 30 s on a loaded machine
                 if runner.file.last is not None and runner.file.last["records"] == 24:
                     break
