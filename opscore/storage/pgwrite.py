@@ -6,8 +6,15 @@ the whole decision. :class:`GroupWriter` does for PostgreSQL what the SQLite wri
 for SQLite: changes go into an :class:`asyncio.Queue`, a writer task takes everything that
 arrived while its previous COMMIT was in flight (at most ``max_batch``), and the store commits
 them in ONE transaction of a handful of set-based statements
-(:meth:`~opscore.storage.postgres.PostgresStore.apply_set`). The batching lives here; the SQL
+(:meth:`~opscore.storage.postgres.PostgresStore._apply_set`). The batching lives here; the SQL
 stays in the store.
+
+The store runs two writer tasks on one queue: while one batch's statements and COMMIT run on
+the server, the other gathers and builds the next, so neither the event loop nor the database
+waits for the other (one writer left each idle half the time; ``docs/performance.md``,
+"Two writers"). Their batches never hold the same entity (the engine sends one change per
+entity at a time), and if they did, the compare-and-set under the row lock would refuse the
+later one as it refuses another replica's.
 
 The promises, each kept per change:
 

@@ -479,8 +479,8 @@ class PostgresStore(Store):
         timeout: float | None = None,
         readonly: bool = False,
         pooler: str = "none",
-        max_batch: int = 256,
-        writers: int = 1,
+        max_batch: int = 512,
+        writers: int = 2,
     ) -> None:
         self.url = url
         self.readonly = readonly
