@@ -1,6 +1,6 @@
 """Profile ``opscore serve`` under the http-state load with py-spy; print the hot frames.
 
-    python -m benchmarks.profile_http [SECONDS]
+    python -m benchmarks.profile_http [SECONDS] [CONNECTIONS]
 
 Writes benchmarks/results/profile.txt (collapsed stacks) and prints the top frames by own
 samples and by inclusive samples (%, of all samples of the event-loop thread).
@@ -43,6 +43,7 @@ def summarise(collapsed: Path, top: int = 25) -> str:
 
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 8
+    connections = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     tmp = Path(tempfile.mkdtemp(prefix="opscore-prof-"))
     server = _proc.opscore(f"sqlite:///{tmp / 'p.db'}", log_path=tmp / "server.log").start()
     try:
@@ -50,7 +51,7 @@ def main() -> None:
         load = threading.Thread(
             target=http.wrk,
             args=(server.url, server.api_key, "p-", 4000),
-            kwargs={"threads": 2, "connections": 64, "seconds": seconds + 2},
+            kwargs={"threads": 2, "connections": connections, "seconds": seconds + 2},
         )
         load.start()
         out = RESULTS / "profile.txt"
