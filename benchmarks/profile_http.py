@@ -1,6 +1,6 @@
 """Profile ``opscore serve`` under the http-state load with py-spy; print the hot frames.
 
-    python -m benchmarks.profile_http [SECONDS] [CONNECTIONS]
+    python -m benchmarks.profile_http [SECONDS] [CONNECTIONS] [DATABASE_URL]
 
 Writes benchmarks/results/profile.txt (collapsed stacks) and prints the top frames by own
 samples and by inclusive samples (%, of all samples of the event-loop thread).
@@ -44,8 +44,9 @@ def summarise(collapsed: Path, top: int = 25) -> str:
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 8
     connections = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    url = sys.argv[3] if len(sys.argv) > 3 else ""
     tmp = Path(tempfile.mkdtemp(prefix="opscore-prof-"))
-    server = _proc.opscore(f"sqlite:///{tmp / 'p.db'}", log_path=tmp / "server.log").start()
+    server = _proc.opscore(url or f"sqlite:///{tmp / 'p.db'}", log_path=tmp / "server.log").start()
     try:
         http.register_idle(server, "p-", 4000, datetime.now(UTC) - timedelta(seconds=1))
         load = threading.Thread(
