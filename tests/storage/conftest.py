@@ -93,6 +93,15 @@ class Backend:
         assert await self.execute("DELETE FROM audit WHERE id = %s", (record_id,)) == 1
 
 
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` every 20 ms inside a scenario; ``AssertionError`` after ``timeout`` seconds."""
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
 def _by_id(record_id: int) -> Any:
     from opscore.models import AuditQuery
 

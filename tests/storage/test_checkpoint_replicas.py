@@ -22,6 +22,7 @@ from opscore.models import Entity
 from opscore.storage import Store, open_store
 from opscore.storage.checkpoint_relay import PostgresRelay
 from tests.conftest import PG_URL
+from tests.storage.conftest import until
 
 
 @pytest.fixture
@@ -62,14 +63,6 @@ class Replica:
         await Engine(self.store).report(
             "agent", agent, state, ctx=Context(actor="key:r"), create=Entity("agent", agent, "registered")
         )
-
-
-async def until(predicate: object, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def records_in(path: Path) -> int:

@@ -34,7 +34,7 @@ from opscore.engine import Context, Engine
 from opscore.models import Entity
 from opscore.storage import Store, open_store
 from opscore.storage.checkpoint_relay import open_relay
-from tests.storage.conftest import Backend
+from tests.storage.conftest import Backend, until
 
 FLOW = ["initializing", "idle", "active", "idle", "active", "error", "idle"]
 AGENTS = ("t-1", "t-2", "t-3")
@@ -91,18 +91,9 @@ class Scene:
                 poll=0.01,
             )
             await runner.start()  # before the records: a full first line, then lines of what moved
-
-            async def signed_once() -> None:
-                for _ in range(3000):
-                    if runner.file.last is not None:
-                        return
-                    await asyncio.sleep(0.01)
-
-            await populate(store, signed_once)
-            for _ in range(3000):  # up to 30 s on a loaded machine
-                if runner.file.last is not None and runner.file.last["records"] == 24:
-                    break
-                await asyncio.sleep(0.01)
+            # up to 30 s each on a loaded machine
+            await populate(store, lambda: until(lambda: runner.file.last is not None, timeout=30))
+            await until(lambda: runner.file.last is not None and runner.file.last["records"] == 24, timeout=30)
             await runner.stop()
             assert runner.halted is None
             assert runner.file.last is not None and runner.file.last["records"] == 24  # every record is signed
