@@ -36,6 +36,8 @@ from typing import IO, Any
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
+from opscore.queues import take
+
 LINGER_SECONDS = 0.005
 
 DROPPED_EXTRAS = ("color_message",)
@@ -201,28 +203,15 @@ class BackgroundHandler(logging.Handler):
         self._lines.put(line)
 
     def _run(self) -> None:
-        lines = self._lines
         while True:
-            first = lines.get()
-            if first is None:
-                return
-            chunk = [first]
-            stop = False
-            while True:
+            chunk, stop = take(self._lines)
+            if chunk:
                 try:
-                    nxt = lines.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                chunk.append(nxt)
-            try:
-                self.stream.write("\n".join(chunk) + "\n")
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass  # stdout is gone (closed pipe): nothing left to tell
-            self._written += len(chunk)
+                    self.stream.write("\n".join(chunk) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stdout is gone (closed pipe): nothing left to tell
+                self._written += len(chunk)
             if stop:
                 return
             # Let lines gather: one wake-up and one write per 5 ms instead of one per line

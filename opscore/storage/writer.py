@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from opscore.errors import StorageError
+from opscore.queues import take
 
 log = logging.getLogger("opscore.storage")
 
@@ -170,23 +171,10 @@ class GroupCommitWriter(Generic[TxT]):
     # -- the thread -----------------------------------------------------------------------
 
     def _main(self) -> None:
-        jobs = self._jobs
         while True:
-            job = jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
+            batch, stop = take(self._jobs, self.max_batch)
+            if batch:
+                self._run_batch(batch)
             if stop:
                 return
 
