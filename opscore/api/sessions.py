@@ -27,6 +27,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -90,8 +91,12 @@ class Sessions:
         return _b64(self._mac(b"key", key.name.encode(), key_material(key))[:12])
 
     def issue(self, key: ApiKey) -> tuple[str, Session]:
-        """A new session for ``key``: the cookie's value, and the session it stands for."""
-        expires = int(time.time() + self.seconds)
+        """A new session for ``key``: the cookie's value, and the session it stands for.
+
+        The expiry is a whole second, rounded up: a session lasts at least ``seconds`` (rounding
+        down cut up to a second off, so a 1-second session could end before its first use).
+        """
+        expires = math.ceil(time.time() + self.seconds)
         sid = secrets.token_urlsafe(12)
         payload = json.dumps(
             {"k": key.name, "s": sid, "e": expires, "f": self._fingerprint(key)}, separators=(",", ":")

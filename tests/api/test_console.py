@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from opscore.api import sessions
 from opscore.checkpoints import make_signing_key
+from opscore.keys import ApiKey
 from tests.inproc import API_KEY, serve
 
 Body = Callable[[FastAPI, httpx.AsyncClient, httpx.AsyncClient], Awaitable[None]]
@@ -124,11 +125,21 @@ def test_sign_out_needs_the_page_token_and_sessions_expire(store_url: str) -> No
         forged = await browser.post("/console/logout", data={"csrf": "guess"}, headers=SAME_ORIGIN)
         assert forged.status_code == 403
         assert (await browser.get("/v1/opscore/agents")).status_code == 200  # still signed in
-        time.sleep(1.2)  # OPSCORE_SESSION_SECONDS=1
+        time.sleep(2.1)  # OPSCORE_SESSION_SECONDS=1, its expiry a whole second rounded up: gone within 2 s
         assert (await browser.get("/v1/opscore/agents")).status_code == 401
         assert (await browser.get("/console/")).status_code == 303
 
     run(store_url, body, session_seconds=1)
+
+
+def test_a_session_lasts_at_least_its_configured_seconds() -> None:
+    key = ApiKey("k", b"d" * 32)
+    book = sessions.Sessions(b"s" * 32, (key,), 1)
+    for _ in range(10):  # issued at different fractions of a second
+        before = time.time()
+        _, session = book.issue(key)
+        assert session.expires >= before + 1
+        time.sleep(0.09)
 
 
 def test_every_page_renders_on_every_store(store_url: str) -> None:
