@@ -35,7 +35,11 @@ class Mode(enum.Enum):
     READ = "read"
     """Writes nothing: needs no transaction of its own (a batch of reads opens none)."""
     PLAIN = "plain"
-    """Writes, but raises before changing anything or succeeds: no SAVEPOINT needed."""
+    """Writes, but raises before changing anything or succeeds: no SAVEPOINT needed.
+
+    Its writes are rows handed to the transaction for its commit, never SQL run on the spot:
+    the SQLite store opens no transaction for plain jobs before the commit.
+    """
     SAVEPOINT = "savepoint"
     """Writes as it goes: a SAVEPOINT undoes its writes alone when it raises."""
 

@@ -115,6 +115,66 @@ def test_a_refused_change_fails_alone_in_its_group_commit(tmp_path: Path) -> Non
     asyncio.run(_one_batch_with_refusals(str(tmp_path / "g.db")))
 
 
+async def _one_statement_batch_with_a_poisoned_row(path: str) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        for i in range(8):
+            await store.apply(Change("agent", f"p{i}", create=Entity("agent", f"p{i}", "registered")))
+        started, release = threading.Event(), threading.Event()
+
+        def hold(tx: object) -> None:
+            started.set()
+            release.wait(10)
+
+        held = store._writer.submit(hold, Mode.READ)
+        await asyncio.to_thread(started.wait, 10)
+        batches = store.batches
+        changes = [
+            Change(
+                "agent",
+                f"p{i}",
+                expected_revision=0,
+                state="idle",
+                record=record(f"p{i}", "idle"),
+                # decided in Python, refused only when SQLite is handed the row: a lone surrogate
+                data={"poison": "\udfff"} if i == 5 else None,
+            )
+            for i in range(8)
+        ]
+        traced: list[str] = []
+        assert store._wconn is not None
+        store._wconn.set_trace_callback(traced.append)
+        pending = asyncio.gather(*(store.apply(c) for c in changes), return_exceptions=True)
+        await asyncio.sleep(0.05)
+        release.set()
+        await held
+        results = await pending
+        assert traced and all(t.startswith("INSERT INTO batch_rows") for t in traced)  # no BEGIN, no COMMIT
+        # the held job; the shared statement failed and was undone whole; then each change alone
+        assert store.batches == batches + 1 + 7
+        assert [type(r).__name__ for r in results] == ["Committed"] * 5 + ["StorageError"] + ["Committed"] * 2
+    finally:
+        await store.close()
+
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        states = [(await reopened.get("agent", f"p{i}")) for i in range(8)]
+        assert [(e.state, e.revision) for e in states if e is not None] == [("idle", 1)] * 5 + [("registered", 0)] + [
+            ("idle", 1)
+        ] * 2
+        verification = await reopened.verify()
+        assert verification.ok and verification.records == 7
+    finally:
+        await reopened.close()
+
+
+def test_a_row_sqlite_refuses_in_a_one_statement_batch_fails_alone(tmp_path: Path) -> None:
+    """A small batch commits as ONE statement: a row that fails it undoes it whole, then the rest commit alone."""
+    asyncio.run(_one_statement_batch_with_a_poisoned_row(str(tmp_path / "one.db")))
+
+
 @pytest.mark.slow
 def test_kill_9_under_load_loses_no_acknowledged_transition(sqlite_url: str, tmp_path: Path) -> None:
     server = Server(database_url=sqlite_url, log_path=tmp_path / "server.log").start()

@@ -285,37 +285,56 @@ async def _set_version(backend: Backend, version: int) -> None:
 # -- the hot path writes what it wrote before ------------------------------------------------------
 
 
+def _heads(statements: list[str]) -> list[str]:
+    """Each statement's head (up to its column list or VALUES), once per run of repeats.
+
+    SQLite traces a trigger's statements under the text of the statement that fired it.
+    """
+    heads = [s.split(" (")[0].split(" VALUES")[0] for s in statements]
+    return [h for n, h in enumerate(heads) if n == 0 or heads[n - 1] != h]
+
+
 def test_changes_without_labels_add_no_statement_on_sqlite(tmp_path: Path) -> None:
-    """SQLite: plain agent changes are still deferred rows; only labelled changes touch ``labels``."""
+    """SQLite: plain agent changes are still deferred rows; only labelled changes touch ``labels``.
+
+    A small batch is ONE autocommit statement (its own transaction); a large one is BEGIN,
+    one multi-row INSERT of records per 64, one multi-row UPSERT of entities per 64, COMMIT.
+    """
     statements: list[str] = []
 
-    async def scenario() -> None:
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
         store = sqlite_store.SQLiteStore(str(tmp_path / "hot.db"))
         await store.open()
         try:
             assert store._wconn is not None
-            await step(store, "a")
+            for agent in ("a", "b0", "b1", "b2"):
+                await step(store, agent)
             store._wconn.set_trace_callback(statements.append)
             changes = [Change("agent", "a", state=s, record=draft("a", "x", s)) for s in ("active", "idle") * 20]
             assert not any(isinstance(r, Exception) for r in await store.apply_many(changes))
-            plain = list(statements)
+            small = list(statements)  # 41 rows: 40 records, 1 entity
+            statements.clear()
+            changes = [
+                Change("agent", f"b{n % 3}", state=s, record=draft(f"b{n % 3}", "x", s))
+                for n, s in enumerate(("active",) * 3 + ("idle", "idle", "idle", "active", "active", "active") * 11)
+            ]
+            assert not any(isinstance(r, Exception) for r in await store.apply_many(changes))
+            large = list(statements)  # 72 rows: 69 records, 3 entities
             statements.clear()
             seed = Entity("workflow", "w", "pending", data={"workflowId": "wf", "agentId": "a"})
             await store.apply(Change("workflow", "w", create=seed))
             labelled = list(statements)
         finally:
             await store.close()
-        # 40 transitions: BEGIN, one multi-row INSERT of records, one multi-row UPSERT of entities, COMMIT
-        assert [s.split(" (")[0].split(" VALUES")[0] for s in plain] == [
-            "BEGIN IMMEDIATE",
-            "INSERT INTO audit",
-            "INSERT INTO entities",
-            "COMMIT",
-        ]
-        assert not any("labels" in s for s in plain)
-        assert sum("INSERT INTO labels" in s for s in labelled) == 1
+        return small, large, labelled
 
-    asyncio.run(scenario())
+    small, large, labelled = asyncio.run(scenario())
+    assert _heads(small) == ["INSERT INTO batch_rows"]
+    assert _heads(large) == ["BEGIN IMMEDIATE", "INSERT INTO audit", "INSERT INTO entities", "COMMIT"]
+    assert not any("labels" in s or "('l'," in s for s in small + large)
+    writes = [s for s in labelled if not s.startswith("SELECT")]  # the workflow was read first: not cached
+    assert _heads(writes) == ["INSERT INTO batch_rows"]
+    assert writes[0].count("('l',") == 3  # state, workflowId, agentId
 
 
 def test_changes_without_labels_are_one_statement_on_postgresql() -> None:
