@@ -423,6 +423,8 @@ class Engine:
             idempotency=idempotency,
             timers=decision.timers,
             cancel_timers=decision.cancel_timers,
+            # what this was decided on; an If-Match answer needs the row's revision, read under its lock
+            base=current if seed is None and ctx.if_match is None else None,
         )
 
     def _conclude(

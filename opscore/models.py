@@ -88,6 +88,12 @@ class Change:
     - ``seen_at``/``report_at``/``details``: liveness; ``report_at`` only moves forward.
     - ``data``: new metadata (merged over the old).
     - ``timers``/``cancel_timers``: deadlines armed or disarmed (by key) with this change.
+    - ``base``: the entity as the engine read it to decide this change (``None``: not given).
+      If the stored revision or seq is no longer the base's, the write fails with
+      ``RevisionConflict`` and the engine decides again from a fresh read: a heartbeat or a
+      refusal decided on a state another replica has left meanwhile is never written. A store
+      checks it under its row lock, or decides on the base without reading the row again and
+      lets its write compare-and-set on the base's revision and seq (PostgreSQL's group commit).
     """
 
     entity_type: str
@@ -104,6 +110,7 @@ class Change:
     idempotency: IdempotencyEntry | None = None
     timers: tuple[Timer, ...] = ()
     cancel_timers: tuple[str, ...] = ()
+    base: Entity | None = None
 
 
 @dataclass(slots=True)

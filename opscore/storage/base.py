@@ -46,7 +46,9 @@ def next_entity(
     """Apply ``change`` to ``current``: the new entity, the sealed audit record, created?
 
     Raises ``UnknownEntity`` (absent and nothing to create) or ``RevisionConflict``
-    (compare-and-set lost: ``expected_revision`` or ``expected_data`` no longer holds). Every
+    (compare-and-set lost: ``expected_revision`` or ``expected_data`` no longer holds, or the
+    entity moved since ``base`` was read: a heartbeat or a refusal decided on a state that is
+    no longer the entity's must be decided again). Every
     backend calls this under its write lock (SQLite's one writer, PostgreSQL's row lock), so
     both conditions are checked against the committed row, never a stale copy. ``record_id``
     is the id the backend allocated for the record.
@@ -61,6 +63,13 @@ def next_entity(
         raise RevisionConflict(
             f"{change.entity_type} {change.entity_id!r} is at revision {current.revision}, "
             f"not {change.expected_revision}",
+            revision=current.revision,
+        )
+    base = change.base
+    if base is not None and not created and (current.revision, current.seq) != (base.revision, base.seq):
+        raise RevisionConflict(
+            f"{change.entity_type} {change.entity_id!r} moved since revision {base.revision} was read "
+            f"(now revision {current.revision}, seq {current.seq})",
             revision=current.revision,
         )
     if change.expected_data is not None:

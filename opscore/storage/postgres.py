@@ -288,17 +288,23 @@ _CREATE_MANY = (
     f"FROM json_to_recordset(%s::json) AS u({_ENTITY_ROW}) "
     "ON CONFLICT (entity_type, entity_id) DO NOTHING RETURNING entity_type, entity_id"
 )
-# Compare-and-set on what the batch read under the lock (revision and seq): every row comes back,
-# and one that did not would fail the batch (then each change runs alone) rather than commit a fork.
-# data and capabilities are rewritten only by a change that has data (u.data not NULL).
+# Compare-and-set on the revision and seq the change was decided on: the row read under the lock
+# (every such row comes back; one that did not would fail the batch, then each change runs alone,
+# rather than commit a fork) or the engine's read (Change.base: a row another writer moved since
+# does not come back, and that change alone is refused with RevisionConflict). What moves without
+# a revision (liveness times, details) is merged with the row as it is: times only move forward,
+# and details are written only by a change that brought some. data and capabilities are rewritten
+# only by a change that has data (u.d not NULL); such a change always reads under the lock.
 _UPDATE_KEYS = ("t", "i", "s", "r", "q", "h", "d", "caps", "u", "ls", "lr", "ld", "rw", "sq")
 _UPDATE_MANY = (
-    "UPDATE entities e SET state = u.s, revision = u.r, seq = u.q, head_hash = u.h, "
-    "data = COALESCE(u.d, e.data), updated_at = u.u, last_seen_at = u.ls, last_report_at = u.lr, last_details = u.ld, "
+    "UPDATE entities e SET state = u.s, revision = u.r, seq = u.q, head_hash = u.h, data = COALESCE(u.d, e.data), "
+    'updated_at = GREATEST(e.updated_at, u.u COLLATE "C"), last_seen_at = GREATEST(e.last_seen_at, u.ls COLLATE "C"), '
+    'last_report_at = GREATEST(e.last_report_at, u.lr COLLATE "C"), last_details = COALESCE(u.ld, e.last_details), '
     f"capabilities = CASE WHEN u.d IS NULL THEN e.capabilities ELSE {_CAPS} END "
     "FROM json_to_recordset(%s::json) AS u(t text, i text, s text, r int8, q int8, h text, d text, caps json, "
     "u text, ls text, lr text, ld text, rw int8, sq int8) "
-    "WHERE e.entity_type = u.t AND e.entity_id = u.i AND e.revision = u.rw AND e.seq = u.sq RETURNING 1"
+    "WHERE e.entity_type = u.t AND e.entity_id = u.i AND e.revision = u.rw AND e.seq = u.sq "
+    "RETURNING e.entity_type, e.entity_id"
 )
 _AUDIT_KEYS = ("id", "t", "i", "q", "o", "at", "b", "r")
 _INSERT_AUDIT_MANY = (
@@ -374,12 +380,23 @@ def _create_row(outcome: Committed | Exception) -> tuple[Any, ...]:
     return (*entity_values(e), _capabilities(e.data))
 
 
+def _decided_on_base(change: Change) -> bool:
+    """Whether the group writer decides ``change`` on the engine's read instead of a locked one.
+
+    Only when the write's compare-and-set on revision and seq covers everything the decision
+    read: metadata (``data``, ``expected_data``) is not versioned by them, so those changes
+    read their row under the lock.
+    """
+    return change.base is not None and change.data is None and change.expected_data is None
+
+
 def _update_row(change: Change, outcome: Committed | Exception, current: Entity) -> tuple[Any, ...]:
     """The new row for ``_UPDATE_MANY``; data (and capabilities) only when the change brought data."""
     assert isinstance(outcome, Committed)
     e = outcome.entity
     data = None if change.data is None else dumps(e.data)
     caps = None if change.data is None else _capabilities(e.data)
+    details = None if change.details is None else dumps(e.last_details)
     return (
         e.entity_type,
         e.entity_id,
@@ -392,7 +409,7 @@ def _update_row(change: Change, outcome: Committed | Exception, current: Entity)
         e.updated_at,
         e.last_seen_at,
         e.last_report_at,
-        dumps(e.last_details),
+        details,
         current.revision,
         current.seq,
     )
@@ -685,29 +702,41 @@ class PostgresStore(Store):
     async def _apply_set(
         self, conn: Connection, changes: list[Change], attempt: _Attempt
     ) -> tuple[list[Committed | Exception], list[int]]:
-        """Lock every entity of the batch, decide each change on its locked row, write them set-wise.
+        """Decide each change on its row, write them set-wise, compare-and-set on what each was decided on.
 
-        Statements: lock and read, ids and clock, [create], update (compare-and-set), audit
+        A change that carries the engine's read (``Change.base``) and no metadata is decided on
+        that read: no second read, no row lock taken before the write. The others (metadata,
+        a compare-and-set on data, no base) are read again with ``FOR UPDATE`` first.
+        Statements: [lock and read], ids and clock, [create], update (compare-and-set), audit
         insert, [labels]: the same handful for one change or for hundreds. A change refused
-        by :func:`~opscore.storage.base.next_entity` (revision moved, unknown entity) is
-        answered alone and writes nothing. Returns each change's outcome and the places of
-        the changes whose entity another transaction created meanwhile (to apply again).
+        by :func:`~opscore.storage.base.next_entity` (revision moved, unknown entity), or
+        whose base another writer moved, is answered alone and writes nothing. Returns each
+        change's outcome and the places of the changes whose entity another transaction
+        created meanwhile (to apply again).
         """
-        keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in changes], ensure_ascii=False)
-        rows = await (await conn.execute(_LOCK_MANY, (keys,))).fetchall()
-        found = {(r[0], r[1]): r for r in rows}
+        locked = [c for c in changes if not _decided_on_base(c)]
+        found: dict[tuple[str, str], Any] = {}
+        if locked:
+            keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in locked], ensure_ascii=False)
+            rows = await (await conn.execute(_LOCK_MANY, (keys,))).fetchall()
+            found = {(r[0], r[1]): r for r in rows}
         wanted = sum(1 for c in changes if c.record is not None)
         head = await (await conn.execute(_NEXT_RECORDS, (wanted,))).fetchone()
         assert head is not None
         record_ids, clock, attempt.xid = sorted(head[0]), head[1], head[2]
         now = _utc_text(clock)
         outcomes: list[Committed | Exception] = [_PENDING] * len(changes)
+        currents: list[Entity | None] = [None] * len(changes)
         creates: list[int] = []
-        updates: list[tuple[int, Entity]] = []
+        updates: list[int] = []
         next_id = 0
         for n, change in enumerate(changes):
-            row = found.get((change.entity_type, change.entity_id))
-            current = None if row is None else entity_from_row(row)
+            if _decided_on_base(change):
+                current = change.base
+            else:
+                row = found.get((change.entity_type, change.entity_id))
+                current = None if row is None else entity_from_row(row)
+            currents[n] = current
             record_id = None
             if change.record is not None:
                 record_id = record_ids[next_id]
@@ -718,11 +747,8 @@ class PostgresStore(Store):
                 outcomes[n] = exc
                 continue
             outcomes[n] = Committed(new, record, created)
-            if created:
-                creates.append(n)
-            else:
-                assert current is not None
-                updates.append((n, current))
+            (creates if created else updates).append(n)
+        skipped: set[int] = set()
         redo: list[int] = []
         if creates:
             made = await (
@@ -730,16 +756,33 @@ class PostgresStore(Store):
             ).fetchall()
             won = {(r[0], r[1]) for r in made}
             redo = [n for n in creates if (changes[n].entity_type, changes[n].entity_id) not in won]
+            skipped.update(redo)
         if updates:
-            rows_json = _rows(_UPDATE_KEYS, [_update_row(changes[n], outcomes[n], current) for n, current in updates])
-            moved = await (await conn.execute(_UPDATE_MANY, (rows_json,))).fetchall()
-            if len(moved) != len(updates):  # cannot happen under the locks; never commit a fork if it does
-                raise StorageError(f"{len(updates) - len(moved)} rows of a batch moved under their lock")
-        lost = set(redo)
+            updates.sort(key=lambda n: (changes[n].entity_type, changes[n].entity_id))  # row locks in key order
+            update_rows = []
+            for n in updates:
+                current = currents[n]
+                assert current is not None  # not created: the row was there
+                update_rows.append(_update_row(changes[n], outcomes[n], current))
+            rows_json = _rows(_UPDATE_KEYS, update_rows)
+            moved = {(r[0], r[1]) for r in await (await conn.execute(_UPDATE_MANY, (rows_json,))).fetchall()}
+            for n in updates:
+                change = changes[n]
+                if (change.entity_type, change.entity_id) in moved:
+                    continue
+                if not _decided_on_base(change):  # cannot happen under the lock; never commit a fork if it does
+                    raise StorageError(f"{change.entity_type} {change.entity_id!r} moved under its lock")
+                base = change.base
+                assert base is not None
+                outcomes[n] = RevisionConflict(
+                    f"{change.entity_type} {change.entity_id!r} moved since revision {base.revision} was read",
+                    revision=None,
+                )
+                skipped.add(n)
         audit_rows: list[tuple[Any, ...]] = []
         label_sets: list[tuple[Any, ...]] = []
         for n, outcome in enumerate(outcomes):
-            if n in lost or not isinstance(outcome, Committed):
+            if n in skipped or not isinstance(outcome, Committed):
                 continue
             new, record = outcome.entity, outcome.record
             if record is not None:
@@ -756,8 +799,7 @@ class PostgresStore(Store):
                     )
                 )
             if new.entity_type in LABELLED:
-                row = found.get((new.entity_type, new.entity_id))
-                label_sets.extend(label_rows(None if row is None else entity_from_row(row), new))
+                label_sets.extend(label_rows(None if outcome.created else currents[n], new))
         if audit_rows:
             await conn.execute(_INSERT_AUDIT_MANY, (_rows(_AUDIT_KEYS, audit_rows),))
         if label_sets:

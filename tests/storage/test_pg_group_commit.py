@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 
 import psycopg
 import pytest
 
+from opscore.engine import Context, Engine
 from opscore.errors import RevisionConflict, Unavailable, Unstorable
-from opscore.models import Change, Committed, Entity
+from opscore.models import Change, Committed, Entity, TransitionResult
 from opscore.storage.postgres import PostgresStore
 from tests.conftest import PG_URL
 from tests.storage.changes import agent_change
@@ -72,6 +74,82 @@ def test_a_change_that_lost_its_race_to_another_replica_is_refused_alone(pg_url:
             await mine.close()
             await theirs.close()
         assert chains(pg_url) == {"a0": [1, 2], "a1": [1, 2], "a2": [1, 2], "a3": [1, 2], "a4": [1, 2]}
+
+    asyncio.run(scenario())
+
+
+def test_a_change_decided_on_a_read_another_replica_moved_since_is_refused_alone(pg_url: str) -> None:
+    """Decided on the engine's read (``Change.base``, no locked re-read): the UPDATE's compare-and-set
+    on the base's revision and seq refuses the change whose entity moved, heartbeat or refusal alike."""
+
+    async def scenario() -> None:
+        mine, theirs = PostgresStore(pg_url), PostgresStore(pg_url)
+        await mine.open()
+        await theirs.open()
+        try:
+            await mine.apply_many([move(f"b{n}", "idle", 0) for n in range(4)])
+            bases = await mine.get_many("agent", [f"b{n}" for n in range(4)])
+            await theirs.apply(move("b1", "active", 1))  # moved after our read
+            await theirs.apply(Change("agent", "b2", seen_at="2030-01-01T00:00:00.000000+00:00"))  # liveness only
+            heartbeat = Change("agent", "b1", seen_at="2029-01-01T00:00:00.000000+00:00")
+            changes = [
+                replace(move("b0", "active", 1), base=bases[0]),
+                replace(heartbeat, base=bases[1]),  # stale: b1 is active now, the heartbeat was for idle
+                replace(move("b2", "active", 1), base=bases[2]),  # its revision and seq did not move
+                replace(move("b3", "active", 1), base=bases[3]),
+            ]
+            answers = await mine.apply_many(changes)
+            assert [type(a).__name__ for a in answers] == ["Committed", "RevisionConflict", "Committed", "Committed"]
+            b1 = await mine.get("agent", "b1")
+            b2 = await mine.get("agent", "b2")
+            assert b1 is not None and (b1.state, b1.revision, b1.last_seen_at) == ("active", 2, None)
+            assert b2 is not None and b2.state == "active"
+            assert b2.last_seen_at == "2030-01-01T00:00:00.000000+00:00"  # times only move forward
+            verified = await mine.verify()
+            assert verified.ok, verified.problems
+        finally:
+            await mine.close()
+            await theirs.close()
+        assert chains(pg_url) == {"b0": [1, 2], "b1": [1, 2], "b2": [1, 2], "b3": [1, 2]}
+
+    asyncio.run(scenario())
+
+
+def test_a_report_decided_on_a_state_another_replica_changed_is_decided_again(pg_url: str) -> None:
+    """Replica A reads ``idle``; replica B fails the agent (``error``) before A writes; the agent reports
+    ``idle`` to A. Decided on A's read it is a heartbeat; the agent really recovered: A must apply
+    ``recover`` from a fresh read, not keep it in ``error``."""
+    ctx = Context(actor="key:test")
+
+    async def scenario() -> None:
+        mine, theirs = PostgresStore(pg_url), PostgresStore(pg_url)
+        await mine.open()
+        await theirs.open()
+        ours, other = Engine(mine), Engine(theirs)
+        try:
+            await ours.report("agent", "r", "idle", ctx=ctx, create=Entity("agent", "r", "registered"))
+            read = mine.get
+            raced = False
+
+            async def read_then_race(entity_type: str, entity_id: str) -> Entity | None:
+                nonlocal raced
+                found = await read(entity_type, entity_id)
+                if not raced:
+                    raced = True
+                    await other.report("agent", "r", "error", ctx=ctx)
+                return found
+
+            mine.get = read_then_race  # type: ignore[method-assign]
+            result = await ours.report("agent", "r", "idle", ctx=ctx)
+            assert isinstance(result, TransitionResult)
+            assert (result.previous_state, result.entity.state, result.changed) == ("error", "idle", True)
+            assert result.record is not None and result.record["event"] == "recover"
+            verified = await mine.verify()
+            assert verified.ok, verified.problems
+        finally:
+            await mine.close()
+            await theirs.close()
+        assert chains(pg_url) == {"r": [1, 2, 3]}  # ready, fail, recover
 
     asyncio.run(scenario())
 

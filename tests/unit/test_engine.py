@@ -360,6 +360,39 @@ def test_a_lost_compare_and_set_under_if_match_is_precondition_failed() -> None:
     asyncio.run(scenario())
 
 
+class FailingMeanwhileStore(MemoryStore):
+    """Another replica fails the agent (a transition: revision and seq move) just before our next write."""
+
+    race = False
+
+    async def apply(self, change: Change) -> Committed:
+        if self.race:
+            self.race = False
+            current = self.entities[(change.entity_type, change.entity_id)]
+            self.entities[(change.entity_type, change.entity_id)] = replace(
+                current, state="error", revision=current.revision + 1, seq=current.seq + 1
+            )
+        return await super().apply(change)
+
+
+def test_a_heartbeat_decided_on_a_state_that_moved_is_decided_again_from_a_fresh_read() -> None:
+    """Decided on ``idle``, the report ``idle`` is a heartbeat (it writes no revision): the store refuses
+    it because the entity moved since the engine's read, and from ``error`` it is ``recover``."""
+
+    async def scenario() -> None:
+        store = FailingMeanwhileStore()
+        engine = Engine(store)
+        await engine.upsert("agent", "a", {}, ctx=CTX)
+        await engine.fire("agent", "a", "ready", ctx=CTX)
+        store.race = True
+        result = await engine.report("agent", "a", "idle", ctx=CTX)
+        assert isinstance(result, TransitionResult)
+        assert (result.previous_state, result.entity.state, result.changed) == ("error", "idle", True)
+        assert result.record is not None and result.record["event"] == "recover"
+
+    asyncio.run(scenario())
+
+
 def test_endless_races_end_in_a_409_conflict() -> None:
     async def scenario() -> None:
         store = RacingStore(races=0)
