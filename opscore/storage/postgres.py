@@ -266,7 +266,9 @@ _LOCK_MANY = (
     f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
     "(SELECT * FROM json_to_recordset(%s::json) AS k(t text, i text)) ORDER BY entity_type, entity_id FOR UPDATE"
 )
-# After the locks: the batch's record ids (so within a chain ids grow with seq, as in _LOCK_ENTITY).
+# After the locks, or after the engine's read the change was decided on: the batch's record ids
+# and clock. A chain's previous record committed before that read (else the UPDATE's compare-and-set
+# refuses the change), so within a chain ids and recordedAt grow with seq, as under _LOCK_ENTITY.
 _NEXT_RECORDS = (
     "SELECT ARRAY(SELECT nextval('audit_ids') FROM generate_series(1, %s)), clock_timestamp(), "
     "pg_current_xact_id()::text"
