@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -34,22 +36,36 @@ def record(entity_id: str, dest: str, source: str = "registered") -> dict[str, o
     )
 
 
-async def _one_batch_with_refusals(path: str) -> None:
+@contextlib.asynccontextmanager
+async def opened(path: str) -> AsyncIterator[SQLiteStore]:
+    """The store on ``path``, open for the block (the file as a restarted server finds it)."""
     store = SQLiteStore(path)
     await store.open()
     try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def hold_writer(store: SQLiteStore) -> tuple[threading.Event, asyncio.Future[None]]:
+    """Park the writer thread in a job until the event is set: what is submitted meanwhile is ONE batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(tx: object) -> None:
+        started.set()
+        release.wait(10)
+
+    held = store._writer.submit(hold, Mode.READ)
+    await asyncio.to_thread(started.wait, 10)
+    return release, held
+
+
+async def _one_batch_with_refusals(path: str) -> None:
+    async with opened(path) as store:
         for i in range(6):
             await store.apply(Change("agent", f"a{i}", create=Entity("agent", f"a{i}", "registered")))
         await store.apply(Change("agent", "a5", idempotency=IdempotencyEntry("s", "taken", "f", 200, {"x": 1})))
-        # Hold the writer so that every change below lands in ONE batch (one transaction).
-        started, release = threading.Event(), threading.Event()
-
-        def hold(tx: object) -> None:
-            started.set()
-            release.wait(10)
-
-        held = store._writer.submit(hold, Mode.READ)
-        await asyncio.to_thread(started.wait, 10)
+        release, held = await hold_writer(store)  # every change below lands in ONE batch (one transaction)
         batches = store.batches
         changes = [
             Change("agent", "a0", expected_revision=0, state="idle", record=record("a0", "idle")),
@@ -89,12 +105,8 @@ async def _one_batch_with_refusals(path: str) -> None:
             Committed,
             Committed,
         ]
-    finally:
-        await store.close()
 
-    reopened = SQLiteStore(path)
-    await reopened.open()
-    try:
+    async with opened(path) as reopened:
         states = {f"a{i}": (await reopened.get("agent", f"a{i}")) for i in range(5)}
         assert {k: (e.state, e.revision) for k, e in states.items() if e is not None} == {
             "a0": ("active", 2),
@@ -107,8 +119,6 @@ async def _one_batch_with_refusals(path: str) -> None:
         assert [t.key for t in await reopened.list_timers()] == ["t:a4"]
         verification = await reopened.verify()
         assert verification.ok and verification.records == 4
-    finally:
-        await reopened.close()
 
 
 def test_a_refused_change_fails_alone_in_its_group_commit(tmp_path: Path) -> None:
@@ -116,19 +126,10 @@ def test_a_refused_change_fails_alone_in_its_group_commit(tmp_path: Path) -> Non
 
 
 async def _one_statement_batch_with_a_poisoned_row(path: str) -> None:
-    store = SQLiteStore(path)
-    await store.open()
-    try:
+    async with opened(path) as store:
         for i in range(8):
             await store.apply(Change("agent", f"p{i}", create=Entity("agent", f"p{i}", "registered")))
-        started, release = threading.Event(), threading.Event()
-
-        def hold(tx: object) -> None:
-            started.set()
-            release.wait(10)
-
-        held = store._writer.submit(hold, Mode.READ)
-        await asyncio.to_thread(started.wait, 10)
+        release, held = await hold_writer(store)
         batches = store.batches
         changes = [
             Change(
@@ -154,20 +155,14 @@ async def _one_statement_batch_with_a_poisoned_row(path: str) -> None:
         # the held job; the shared statement failed and was undone whole; then each change alone
         assert store.batches == batches + 1 + 7
         assert [type(r).__name__ for r in results] == ["Committed"] * 5 + ["StorageError"] + ["Committed"] * 2
-    finally:
-        await store.close()
 
-    reopened = SQLiteStore(path)
-    await reopened.open()
-    try:
+    async with opened(path) as reopened:
         states = [(await reopened.get("agent", f"p{i}")) for i in range(8)]
         assert [(e.state, e.revision) for e in states if e is not None] == [("idle", 1)] * 5 + [("registered", 0)] + [
             ("idle", 1)
         ] * 2
         verification = await reopened.verify()
         assert verification.ok and verification.records == 7
-    finally:
-        await reopened.close()
 
 
 def test_a_row_sqlite_refuses_in_a_one_statement_batch_fails_alone(tmp_path: Path) -> None:
