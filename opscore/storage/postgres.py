@@ -716,7 +716,8 @@ class PostgresStore(Store):
         change's outcome and the places of the changes whose entity another transaction
         created meanwhile (to apply again).
         """
-        locked = [c for c in changes if not _decided_on_base(c)]
+        on_base = [_decided_on_base(c) for c in changes]
+        locked = [c for c, b in zip(changes, on_base, strict=True) if not b]
         found: dict[tuple[str, str], Any] = {}
         if locked:
             keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in locked], ensure_ascii=False)
@@ -733,7 +734,7 @@ class PostgresStore(Store):
         updates: list[int] = []
         next_id = 0
         for n, change in enumerate(changes):
-            if _decided_on_base(change):
+            if on_base[n]:
                 current = change.base
             else:
                 row = found.get((change.entity_type, change.entity_id))
@@ -772,7 +773,7 @@ class PostgresStore(Store):
                 change = changes[n]
                 if (change.entity_type, change.entity_id) in moved:
                     continue
-                if not _decided_on_base(change):  # cannot happen under the lock; never commit a fork if it does
+                if not on_base[n]:  # cannot happen under the lock; never commit a fork if it does
                     raise StorageError(f"{change.entity_type} {change.entity_id!r} moved under its lock")
                 base = change.base
                 assert base is not None
@@ -801,7 +802,7 @@ class PostgresStore(Store):
                     )
                 )
             if new.entity_type in LABELLED:
-                label_sets.extend(label_rows(None if outcome.created else currents[n], new))
+                label_sets.extend(label_rows(currents[n], new))  # None for a created entity
         if audit_rows:
             await conn.execute(_INSERT_AUDIT_MANY, (_rows(_AUDIT_KEYS, audit_rows),))
         if label_sets:
