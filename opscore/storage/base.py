@@ -51,7 +51,8 @@ def next_entity(
     no longer the entity's must be decided again). Every
     backend calls this under its write lock (SQLite's one writer, PostgreSQL's row lock), so
     both conditions are checked against the committed row, never a stale copy. ``record_id``
-    is the id the backend allocated for the record.
+    is the id the backend allocated for the record. ``now`` is the change's time; an entity
+    whose last change is later keeps that time instead.
     """
     created = False
     if current is None:
@@ -59,6 +60,11 @@ def next_entity(
             raise UnknownEntity(change.entity_type, change.entity_id)
         current = replace(change.create, created_at=now, updated_at=now)
         created = True
+    elif current.updated_at > now:
+        # Never stamp a record earlier than the entity's last change (a clock that stepped back,
+        # a replica whose clock is behind): recordedAt never decreases along a chain, which
+        # the seek of ``?at=`` relies on (opscore.storage.rows.seek).
+        now = current.updated_at
     if change.expected_revision is not None and current.revision != change.expected_revision:
         raise RevisionConflict(
             f"{change.entity_type} {change.entity_id!r} is at revision {current.revision}, "

@@ -131,6 +131,11 @@ class Dialect:
     """Tests ``entity_id`` against a prefix: binds its length, then the prefix."""
     ids_as_array: bool
     """``entity_id = ANY(<one array>)`` rather than ``IN (<one value each>)``."""
+    chain_only: bool
+    """One entity's records are found through ``audit_chain`` alone (no ``audit_entity`` or
+    ``audit_moment`` index): pages go by ``seq`` (:func:`chain_page`) and a moment is found by a
+    binary search over ``seq`` (:func:`seek`). SQLite from schema 3: each of those two indexes
+    cost a random B-tree page in every commit (``docs/performance.md``)."""
 
 
 SQLITE = Dialect(
@@ -138,12 +143,14 @@ SQLITE = Dialect(
     capability="EXISTS (SELECT 1 FROM json_each(e.data, '$.capabilities') WHERE value = ?)",
     id_prefix="substr(e.entity_id, 1, ?) = ?",
     ids_as_array=False,
+    chain_only=True,
 )
 POSTGRES = Dialect(
     ph="%s",
     capability="e.capabilities @> ARRAY[%s]::text[]",
     id_prefix="left(e.entity_id, %s) = %s",
     ids_as_array=True,
+    chain_only=False,
 )
 
 _E_COLUMNS = ", ".join(f"e.{column}" for column in ENTITY_COLUMNS.split(", "))
@@ -234,6 +241,15 @@ def select_audit(query: AuditQuery, d: Dialect, columns: str = "body") -> tuple[
     if query.entity_types is not None:
         sql.append(f"AND entity_type IN ({','.join([p] * len(query.entity_types))})")
         params.extend(query.entity_types)
+    _filters(query, d, sql, params)
+    sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT {p}")
+    params.append(query.limit)
+    return " ".join(sql), params
+
+
+def _filters(query: AuditQuery, d: Dialect, sql: list[str], params: list[Any]) -> None:
+    """``query``'s outcome, time range and ``id`` cursor, added to ``sql`` and ``params``."""
+    p = d.ph
     if query.outcome is not None:
         sql.append(f"AND outcome = {p}")
         params.append(query.outcome)
@@ -246,40 +262,115 @@ def select_audit(query: AuditQuery, d: Dialect, columns: str = "body") -> tuple[
     if query.after_id is not None:
         sql.append(f"AND id < {p}" if query.descending else f"AND id > {p}")
         params.append(query.after_id)
-    sql.append(f"ORDER BY id {'DESC' if query.descending else 'ASC'} LIMIT {p}")
+
+
+Steps = Generator[tuple[str, tuple[Any, ...]], tuple[Any, ...] | None, Any]
+"""Reads as steps: each yields ``(sql, params)`` and is sent the first row (or ``None``); the
+generator's return value is the answer. Each store runs the same steps with its own I/O (SQLite
+in one worker thread, PostgreSQL on one pooled connection)."""
+
+
+def one_chain(query: AuditQuery) -> bool:
+    """``query`` reads one entity's chain (one type, one id): what :func:`chain_page` serves."""
+    return (
+        query.entity_type is not None
+        and query.entity_id is not None
+        and query.entity_ids is None
+        and query.entity_types is None
+    )
+
+
+def _last_seq(d: Dialect, entity_type: str, entity_id: str, column: str, bound: Any) -> Steps:
+    """The chain's last ``seq`` whose ``column`` is at most ``bound`` (0: none), by binary search over ``seq``.
+
+    ``seq`` runs 1..n without gaps, and ``column`` never decreases along a chain: ``id`` (ids
+    are allocated in commit order, and a chain's records commit in ``seq`` order) and
+    ``recorded_at`` (:func:`~opscore.storage.base.next_entity` never stamps a record earlier
+    than its entity's last change). So log2(n) point lookups in ``audit_chain`` find it.
+    """
+    p = d.ph
+    chain = f"entity_type = {p} AND entity_id = {p}"
+    row = yield (f"SELECT MAX(seq) FROM audit WHERE {chain}", (entity_type, entity_id))
+    lo, hi = 0, int(row[0]) if row is not None and row[0] is not None else 0
+    probe = f"SELECT {column} FROM audit WHERE {chain} AND seq = {p}"
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        found = yield (probe, (entity_type, entity_id, mid))
+        if found is not None and found[0] is not None and found[0] <= bound:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def chain_page(query: AuditQuery, d: Dialect, columns: str = "body") -> Steps:
+    """:func:`select_audit` for one chain (:func:`one_chain`) through ``audit_chain`` alone: returns ``(sql, params)``.
+
+    Within a chain ``seq`` order is ``id`` order, so the page is ordered by ``seq``; the ``id``
+    cursor becomes a ``seq`` bound first (one lookup when the cursor is a record of the chain,
+    as a previous page's last record is; a binary search otherwise), so a deep page costs what
+    the first does. The ``id`` condition stays in the SELECT: the bound only makes it cheap.
+    """
+    p = d.ph
+    sql = [f"SELECT {columns} FROM audit WHERE entity_type = {p} AND entity_id = {p}"]
+    params: list[Any] = [query.entity_type, query.entity_id]
+    _filters(query, d, sql, params)
+    if query.after_id is not None:
+        # ascending: after the last record with id <= cursor; descending: up to the last with id < cursor
+        bound = query.after_id - 1 if query.descending else query.after_id
+        row = yield (
+            f"SELECT seq FROM audit WHERE id = {p} AND entity_type = {p} AND entity_id = {p}",
+            (bound, query.entity_type, query.entity_id),
+        )
+        last = (
+            int(row[0])
+            if row is not None
+            else (yield from _last_seq(d, query.entity_type, query.entity_id, "id", bound))
+        )
+        sql.append(f"AND seq <= {p}" if query.descending else f"AND seq > {p}")
+        params.append(last)
+    sql.append(f"ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT {p}")
     params.append(query.limit)
     return " ".join(sql), params
 
 
-Seek = Generator[tuple[str, tuple[Any, ...]], tuple[Any, ...] | None, Position | None]
-"""A seek as steps: it yields ``(sql, params)``, is sent the first row (or ``None``), returns."""
-
-
-def seek(d: Dialect, entity_type: str, entity_id: str, moment: str) -> Seek:
+def seek(d: Dialect, entity_type: str, entity_id: str, moment: str) -> Steps:
     """Where the chain stood at ``moment``, in a few indexed lookups; ``None``: replay instead.
 
     Every record written since schema 2 keeps, in the ``revision`` column (never in its
     hashed body), the entity's revision after it. So: (1) the last record at or before the
-    moment, one range of ``audit_moment``; its revision is the answer's. (2) Unless that record
-    is itself a transition, the transition that produced the revision is the first record
-    carrying it: revisions never decrease along ``seq``, so a binary search over ``seq`` (point
-    lookups in ``audit_chain``) finds it in log2(seq) steps, however many refused or metadata
-    records follow it. Records from before schema 2 (``revision`` NULL) come first in every
-    chain; when the answer depends on one of them the seek returns ``None`` and the caller
-    replays the chain. Written as a generator so that each store runs the same steps with its
-    own I/O (SQLite in one worker thread, PostgreSQL on one pooled connection).
+    moment: one range of ``audit_moment``, or, where the dialect keeps no such index
+    (:attr:`Dialect.chain_only`), a binary search over ``seq`` on ``recorded_at``; its
+    revision is the answer's. (2) Unless that record is itself a transition, the transition
+    that produced the revision is the first record carrying it: revisions never decrease along
+    ``seq``, so a binary search over ``seq`` (point lookups in ``audit_chain``) finds it in
+    log2(seq) steps, however many refused or metadata records follow it. Records from before
+    schema 2 (``revision`` NULL) come first in every chain; when the answer depends on one of
+    them the seek returns ``None`` and the caller replays the chain.
 
-    The seek and the replay agree as long as ``recordedAt`` grows along a chain, which is how
-    it is written (SQLite's one writer; PostgreSQL's clock read under the entity's row lock).
-    Should a wall clock step back between two records of one entity, the seek takes the record
-    with the latest ``recordedAt`` at or before the moment, the replay the last by ``seq``.
+    The seek and the replay agree because ``recordedAt`` never decreases along a chain:
+    :func:`~opscore.storage.base.next_entity` stamps a record no earlier than its entity's
+    last change, even when the wall clock (or another replica's) is behind. Only a chain
+    written before that rule, across a clock that stepped back, can hold a record earlier than
+    its predecessor; there the range takes the record with the latest ``recordedAt`` at or
+    before the moment, the binary search a boundary around the step, the replay the last by
+    ``seq``.
     """
     p = d.ph
-    row = yield (
-        "SELECT seq, revision, body FROM audit WHERE entity_type = "
-        f"{p} AND entity_id = {p} AND recorded_at <= {p} ORDER BY recorded_at DESC, id DESC LIMIT 1",
-        (entity_type, entity_id, moment),
-    )
+    if d.chain_only:
+        last = yield from _last_seq(d, entity_type, entity_id, "recorded_at", moment)
+        row = None
+        if last:
+            row = yield (
+                f"SELECT seq, revision, body FROM audit WHERE entity_type = {p} AND entity_id = {p} AND seq = {p}",
+                (entity_type, entity_id, last),
+            )
+    else:
+        row = yield (
+            "SELECT seq, revision, body FROM audit WHERE entity_type = "
+            f"{p} AND entity_id = {p} AND recorded_at <= {p} ORDER BY recorded_at DESC, id DESC LIMIT 1",
+            (entity_type, entity_id, moment),
+        )
     if row is None:
         return Position(None, 0, None)
     seq, revision, body = int(row[0]), row[1], row[2]

@@ -41,9 +41,12 @@ from opscore.storage.rows import (
     LABELLED,
     SQLITE,
     TIMER_COLUMNS,
+    Steps,
+    chain_page,
     entity_from_row,
     entity_values,
     label_rows,
+    one_chain,
     seek,
     select_audit,
     select_entities,
@@ -51,7 +54,7 @@ from opscore.storage.rows import (
 )
 from opscore.storage.writer import GroupCommitWriter, Mode
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 R = TypeVar("R")
 
@@ -153,6 +156,12 @@ MIGRATIONS: dict[int, list[Migration]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX labels_value ON labels (entity_type, key, value, created_at, entity_id)",
         _backfill_labels,
+    ],
+    # 3: one entity's records are read through audit_chain alone (rows.Dialect.chain_only): each
+    # of these indexes cost a random B-tree page, written to the WAL, in every commit.
+    3: [
+        "DROP INDEX IF EXISTS audit_entity",
+        "DROP INDEX IF EXISTS audit_moment",
     ],
 }
 
@@ -403,6 +412,24 @@ class _Batch:
         if self.writes:
             self.store.write_failed(str(exc))
         return StorageError(f"the SQLite commit failed: {exc}")
+
+
+def _run(conn: sqlite3.Connection, steps: Steps) -> Any:
+    """Run a generator of read steps (:data:`~opscore.storage.rows.Steps`) on ``conn``: its answer."""
+    try:
+        sql, params = next(steps)
+        while True:
+            sql, params = steps.send(conn.execute(sql, params).fetchone())
+    except StopIteration as done:
+        return done.value
+
+
+def _audit_page(conn: sqlite3.Connection, query: AuditQuery, columns: str) -> list[tuple[Any, ...]]:
+    """A page of audit rows: one chain through ``audit_chain`` (``rows.chain_page``), others by id."""
+    sql, params = (
+        _run(conn, chain_page(query, SQLITE, columns)) if one_chain(query) else select_audit(query, SQLITE, columns)
+    )
+    return conn.execute(sql, params).fetchall()
 
 
 def _is_plain(change: Change) -> bool:
@@ -701,31 +728,21 @@ class SQLiteStore(Store):
         return {(str(t), str(s)): int(n) for t, s, n in rows}
 
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
-        sql, params = select_audit(query, SQLITE)
-        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        rows = await self._read(functools.partial(_audit_page, query=query, columns="body"))
         return [audit.loads(r[0]) for r in rows]
 
     async def list_audit_text(self, query: AuditQuery) -> list[tuple[int, str]]:
-        sql, params = select_audit(query, SQLITE, "id, body")
-        rows: list[tuple[int, str]] = await self._read(lambda c: c.execute(sql, params).fetchall())
+        rows: list[tuple[int, str]] = await self._read(functools.partial(_audit_page, query=query, columns="id, body"))
         return rows
 
     async def position_at(self, entity_type: str, entity_id: str, moment: str) -> Position | None:
         """The seek of :func:`opscore.storage.rows.seek`, every step in one worker thread."""
         if self._version < 2:
             return None
-
-        def run(conn: sqlite3.Connection) -> Position | None:
-            steps = seek(SQLITE, entity_type, entity_id, moment)
-            try:
-                sql, params = next(steps)
-                while True:
-                    sql, params = steps.send(conn.execute(sql, params).fetchone())
-            except StopIteration as done:
-                result: Position | None = done.value
-                return result
-
-        return await self._read(run)
+        result: Position | None = await self._read(
+            functools.partial(_run, steps=seek(SQLITE, entity_type, entity_id, moment))
+        )
+        return result
 
     def iter_records(self, conn: sqlite3.Connection, chunk: int = 10_000) -> Iterator[dict[str, Any]]:
         """Every audit record in id order (which is ``seq`` order within each entity)."""
