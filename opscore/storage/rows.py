@@ -312,21 +312,20 @@ def chain_page(query: AuditQuery, d: Dialect, columns: str = "body") -> Steps:
     the first does. The ``id`` condition stays in the SELECT: the bound only makes it cheap.
     """
     p = d.ph
+    entity_type, entity_id = query.entity_type, query.entity_id
+    if entity_type is None or entity_id is None:
+        raise ValueError("chain_page reads one chain: give entity_type and entity_id")
     sql = [f"SELECT {columns} FROM audit WHERE entity_type = {p} AND entity_id = {p}"]
-    params: list[Any] = [query.entity_type, query.entity_id]
+    params: list[Any] = [entity_type, entity_id]
     _filters(query, d, sql, params)
     if query.after_id is not None:
         # ascending: after the last record with id <= cursor; descending: up to the last with id < cursor
         bound = query.after_id - 1 if query.descending else query.after_id
         row = yield (
             f"SELECT seq FROM audit WHERE id = {p} AND entity_type = {p} AND entity_id = {p}",
-            (bound, query.entity_type, query.entity_id),
+            (bound, entity_type, entity_id),
         )
-        last = (
-            int(row[0])
-            if row is not None
-            else (yield from _last_seq(d, query.entity_type, query.entity_id, "id", bound))
-        )
+        last = int(row[0]) if row is not None else (yield from _last_seq(d, entity_type, entity_id, "id", bound))
         sql.append(f"AND seq <= {p}" if query.descending else f"AND seq > {p}")
         params.append(last)
     sql.append(f"ORDER BY seq {'DESC' if query.descending else 'ASC'} LIMIT {p}")
