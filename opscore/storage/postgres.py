@@ -318,6 +318,22 @@ OUTCOME_WAIT_SECONDS = 10.0
 _CLAIMED_COLUMNS = ", ".join("t." + c for c in TIMER_COLUMNS.split(", "))
 
 
+async def _plan_each_run(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A pooled connection plans every run of a prepared statement for its parameters and today's table sizes.
+
+    psycopg prepares a query from its fifth run; PostgreSQL then keeps a *generic* plan when
+    it costs about what the custom ones did. Planned while ``entities`` was small (a new
+    database, the first seconds of a new schema), the generic plan of the group writer's
+    ``… IN (SELECT … FROM json_to_recordset(…))`` reads is a sequential scan, and it stays
+    cached until an ANALYZE invalidates it: as the table grew, every batch scanned all of it.
+    Measured at 64 connections (``docs/performance.md``): PostgreSQL's CPU per state report
+    went 193 → 388 → 508 µs over three rounds of fresh agents, and stays about 100 µs with
+    custom plans; planning each run costs a few µs a request. Behind a transaction pooler no
+    statement is prepared (``prepare_threshold=None``), so every run is planned anyway.
+    """
+    await conn.execute("SET plan_cache_mode = force_custom_plan")
+
+
 @dataclass(slots=True)
 class _Attempt:
     """What one write knows about its transaction, to find out its fate if COMMIT loses the connection."""
@@ -533,6 +549,7 @@ class PostgresStore(Store):
             max_size=self.max_size,
             timeout=self.timeout,
             kwargs=self.connect_kwargs(),
+            configure=None if self.pooler == "transaction" else _plan_each_run,
             open=False,
             name="opscore",
         )

@@ -340,3 +340,34 @@ def test_the_stream_never_passes_a_record_whose_transaction_is_still_open(pg_url
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_pooled_connection_never_keeps_a_generic_plan(pg_url: str) -> None:
+    """The group writer's statements are planned for each run, so a plan made on a small table never outlives it.
+
+    psycopg prepares a statement from its fifth run; PostgreSQL would then reuse a generic plan,
+    and the one made while ``entities`` was small scans the whole table (docs/performance.md).
+    One pooled connection runs every batch here; ``pg_prepared_statements`` counts the plans.
+    """
+
+    async def scenario() -> list[tuple[str, int, int]]:
+        store = PostgresStore(pg_url, min_size=1, max_size=1, writers=1)
+        await store.open()
+        try:
+            for revision in range(12):
+                state = "idle" if revision % 2 == 0 else "active"
+                answers = await store.apply_many([move(f"p{n}", state, revision) for n in range(4)])
+                assert all(isinstance(a, Committed) for a in answers), answers
+            assert store._pool is not None
+            async with store._pool.connection() as conn:
+                rows = await (
+                    await conn.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+                ).fetchall()
+        finally:
+            await store.close()
+        return [(str(s), int(g), int(c)) for s, g, c in rows]
+
+    plans = asyncio.run(scenario())
+    group_reads = [p for p in plans if "json_to_recordset" in p[0]]
+    assert group_reads and all(custom >= 1 for _, _, custom in group_reads)  # prepared, and run several times
+    assert [p for p in plans if p[1]] == []
