@@ -133,7 +133,7 @@ class Dialect:
     """``entity_id = ANY(<one array>)`` rather than ``IN (<one value each>)``."""
     chain_only: bool
     """One entity's records are found through ``audit_chain`` alone (no ``audit_entity`` or
-    ``audit_moment`` index): pages go by ``seq`` (:func:`chain_page`) and a moment is found by a
+    ``audit_moment`` index): pages of one chain go by ``seq`` (:func:`audit_page`) and a moment is found by a
     binary search over ``seq`` (:func:`seek`). SQLite from schema 3: each of those two indexes
     cost a random B-tree page in every commit (``docs/performance.md``)."""
 
@@ -270,16 +270,6 @@ generator's return value is the answer. Each store runs the same steps with its 
 in one worker thread, PostgreSQL on one pooled connection)."""
 
 
-def one_chain(query: AuditQuery) -> bool:
-    """``query`` reads one entity's chain (one type, one id): what :func:`chain_page` serves."""
-    return (
-        query.entity_type is not None
-        and query.entity_id is not None
-        and query.entity_ids is None
-        and query.entity_types is None
-    )
-
-
 def _last_seq(d: Dialect, entity_type: str, entity_id: str, column: str, bound: Any) -> Steps:
     """The chain's last ``seq`` whose ``column`` is at most ``bound`` (0: none), by binary search over ``seq``.
 
@@ -303,18 +293,21 @@ def _last_seq(d: Dialect, entity_type: str, entity_id: str, column: str, bound: 
     return lo
 
 
-def chain_page(query: AuditQuery, d: Dialect, columns: str = "body") -> Steps:
-    """:func:`select_audit` for one chain (:func:`one_chain`) through ``audit_chain`` alone: returns ``(sql, params)``.
+def audit_page(query: AuditQuery, d: Dialect, columns: str = "body") -> Steps:
+    """The page of ``query``: returns ``(sql, params)``, after the steps it needs first (if any).
 
-    Within a chain ``seq`` order is ``id`` order, so the page is ordered by ``seq``; the ``id``
-    cursor becomes a ``seq`` bound first (one lookup when the cursor is a record of the chain,
-    as a previous page's last record is; a binary search otherwise), so a deep page costs what
-    the first does. The ``id`` condition stays in the SELECT: the bound only makes it cheap.
+    A page of one chain (one type, one id) on a :attr:`Dialect.chain_only` dialect goes
+    through ``audit_chain`` alone. Within a chain ``seq`` order is ``id`` order, so the page is
+    ordered by ``seq``; the ``id`` cursor becomes a ``seq`` bound first (one lookup when the
+    cursor is a record of the chain, as a previous page's last record is; a binary search
+    otherwise), so a deep page costs what the first does. The ``id`` condition stays in the
+    SELECT: the bound only makes it cheap. Every other page is :func:`select_audit`'s.
     """
     p = d.ph
     entity_type, entity_id = query.entity_type, query.entity_id
-    if entity_type is None or entity_id is None:
-        raise ValueError("chain_page reads one chain: give entity_type and entity_id")
+    several = query.entity_ids is not None or query.entity_types is not None
+    if not d.chain_only or entity_type is None or entity_id is None or several:
+        return select_audit(query, d, columns)
     sql = [f"SELECT {columns} FROM audit WHERE entity_type = {p} AND entity_id = {p}"]
     params: list[Any] = [entity_type, entity_id]
     _filters(query, d, sql, params)

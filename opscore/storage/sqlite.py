@@ -42,13 +42,11 @@ from opscore.storage.rows import (
     SQLITE,
     TIMER_COLUMNS,
     Steps,
-    chain_page,
+    audit_page,
     entity_from_row,
     entity_values,
     label_rows,
-    one_chain,
     seek,
-    select_audit,
     select_entities,
     timer_from_row,
 )
@@ -425,10 +423,8 @@ def _run(conn: sqlite3.Connection, steps: Steps) -> Any:
 
 
 def _audit_page(conn: sqlite3.Connection, query: AuditQuery, columns: str) -> list[tuple[Any, ...]]:
-    """A page of audit rows: one chain through ``audit_chain`` (``rows.chain_page``), others by id."""
-    sql, params = (
-        _run(conn, chain_page(query, SQLITE, columns)) if one_chain(query) else select_audit(query, SQLITE, columns)
-    )
+    """A page of audit rows (one chain through ``audit_chain`` alone: ``rows.audit_page``)."""
+    sql, params = _run(conn, audit_page(query, SQLITE, columns))
     return conn.execute(sql, params).fetchall()
 
 
