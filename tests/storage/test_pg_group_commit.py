@@ -9,8 +9,10 @@ batch's COMMIT every caller hears the truth, found out before any of them is ans
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import psycopg
 import pytest
@@ -371,3 +373,60 @@ def test_a_pooled_connection_never_keeps_a_generic_plan(pg_url: str) -> None:
     group_reads = [p for p in plans if "json_to_recordset" in p[0]]
     assert group_reads and all(custom >= 1 for _, _, custom in group_reads)  # prepared, and run several times
     assert [p for p in plans if p[1]] == []
+
+
+def test_a_batch_probes_the_rows_it_names_instead_of_scanning_entities(pg_url: str) -> None:
+    """The batch statements join ``json_to_recordset`` to ``entities`` by index, whatever the table's size.
+
+    PostgreSQL cannot see into the JSON parameter and assumes 100 rows; on a table of a few
+    thousand entities it then hash-joins a sequential scan of all of them, once per batch
+    (docs/performance.md, "A hundred rows assumed"). Each statement says how many rows it
+    carries; EXPLAIN, with the parameters a batch of three sends, must show no scan of
+    ``entities``.
+    """
+    from opscore.storage import postgres
+
+    keys = json.dumps([{"t": "agent", "i": f"e{n}"} for n in (7, 1500, 4999)])
+    row = dict.fromkeys(("d", "caps", "ld")) | {"s": "idle", "r": 2, "q": 2, "h": "h", "rw": 1, "sq": 1}
+    times = dict.fromkeys(("u", "ls", "lr"), "2026")
+    update = json.dumps([{"t": "agent", "i": f"e{n}", **row, **times} for n in (7, 1500, 4999)])
+    statements = {
+        "read": (postgres._SELECT_MANY, (keys, 3)),
+        "lock": (postgres._LOCK_MANY, (keys, 3)),
+        "update": (postgres._UPDATE_MANY, (update, 3)),
+    }
+
+    async def scenario() -> dict[str, list[str]]:
+        store = PostgresStore(pg_url, min_size=1, max_size=1)
+        await store.open()
+        try:
+            assert store._pool is not None
+            async with store._pool.connection() as conn:
+                await conn.execute(
+                    "INSERT INTO entities (entity_type, entity_id, state, revision, seq, head_hash, data, created_at, "
+                    "updated_at, last_details) SELECT 'agent', 'e' || n, 'active', 1, 1, 'h', '{}', '2026', '2026', "
+                    "'{}' FROM generate_series(0, 4999) AS n"
+                )
+                await conn.execute("ANALYZE entities")
+                scans: dict[str, list[str]] = {}
+                async with conn.transaction(force_rollback=True):
+                    for name, (statement, params) in statements.items():
+                        row = await (await conn.execute("EXPLAIN (FORMAT JSON) " + statement, params)).fetchone()
+                        assert row is not None
+                        scans[name] = [n["Node Type"] for n in plan_nodes(row[0][0]["Plan"])
+                                       if n.get("Relation Name") == "entities"]  # fmt: skip
+                return scans
+        finally:
+            await store.close()
+
+    scans = asyncio.run(scenario())
+    assert all(nodes for nodes in scans.values()), scans  # each statement reads entities ...
+    assert {name: [n for n in nodes if n == "Seq Scan"] for name, nodes in scans.items()} == {
+        name: [] for name in statements
+    }  # ... through its primary key
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
