@@ -59,16 +59,17 @@ advisory locks, server-side cursors only inside transactions, no ``SET`` outside
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from opscore import audit
@@ -279,6 +280,10 @@ _NEXT_RECORDS = (
     "SELECT ARRAY(SELECT nextval('audit_ids') FROM generate_series(1, %s)), clock_timestamp(), "
     "pg_current_xact_id()::text"
 )
+# A batch with nothing to lock opens its transaction with the same query: ``BEGIN`` and the
+# SELECT sent as one simple-protocol string (no parameters; the count is an int written in), so
+# the transaction costs no round trip of its own. Never prepared: a prepared statement holds one.
+_BEGIN_NEXT_RECORDS = "BEGIN; " + _NEXT_RECORDS.replace("%s", "{count:d}")
 # Rows travel as ONE json parameter (json.dumps is C; psycopg dumps a text[] element by element
 # with a regex, which cost more than the rest of the batch). ``json``, never ``jsonb``: strings
 # come back exactly as sent; one PostgreSQL cannot hold (a NUL) fails the batch, which then
@@ -314,10 +319,20 @@ _UPDATE_MANY = (
     "WHERE e.entity_type = u.t AND e.entity_id = u.i AND e.revision = u.rw AND e.seq = u.sq "
     "RETURNING e.entity_type, e.entity_id"
 )
-_AUDIT_KEYS = ("id", "t", "i", "q", "o", "at", "b", "r")
+# Each audit row says whether its entity was created by this batch (c): such a record is written
+# as it is; any other only if the UPDATE moved its entity (a refused compare-and-set writes none).
+_AUDIT_KEYS = ("id", "t", "i", "q", "o", "at", "b", "r", "c")
 _INSERT_AUDIT_MANY = (
     "INSERT INTO audit (id, entity_type, entity_id, seq, outcome, recorded_at, body, revision) "
-    "SELECT * FROM json_to_recordset(%s::json) AS a(id int8, t text, i text, q int8, o text, at text, b text, r int8)"
+    "SELECT a.id, a.t, a.i, a.q, a.o, a.at, a.b, a.r FROM json_to_recordset(%s::json) "
+    "AS a(id int8, t text, i text, q int8, o text, at text, b text, r int8, c bool)"
+)
+# The update and its records in ONE statement: the records' INSERT reads which entities the
+# UPDATE moved from its RETURNING, so a batch's writes cost one round trip, not two.
+_UPDATE_AND_AUDIT_MANY = (
+    f"WITH u AS ({_UPDATE_MANY}), "
+    f"w AS ({_INSERT_AUDIT_MANY} WHERE a.c OR (a.t, a.i) IN (SELECT entity_type, entity_id FROM u)) "
+    "SELECT entity_type, entity_id FROM u"
 )
 OUTCOME_WAIT_SECONDS = 10.0
 """How long a write whose COMMIT lost its connection waits to learn whether it committed."""
@@ -412,6 +427,36 @@ def _decided_on_base(change: Change) -> bool:
     read their row under the lock.
     """
     return change.base is not None and change.data is None and change.expected_data is None
+
+
+def _audit_rows(outcomes: list[Committed | Exception], skipped: set[int]) -> list[tuple[Any, ...]]:
+    """The records of a batch's decided changes, each marked whether it created its entity (see _AUDIT_KEYS)."""
+    rows: list[tuple[Any, ...]] = []
+    for n, outcome in enumerate(outcomes):
+        if n in skipped or not isinstance(outcome, Committed) or outcome.record is None:
+            continue
+        new, record = outcome.entity, outcome.record
+        rows.append(
+            (
+                record["id"],
+                new.entity_type,
+                new.entity_id,
+                record["seq"],
+                record["outcome"],
+                record["recordedAt"],
+                dumps(record),
+                new.revision,
+                outcome.created,
+            )
+        )
+    return rows
+
+
+async def _roll_back(conn: Connection) -> None:
+    """End a failed batch's transaction; a connection that cannot is broken, and the pool drops it."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("ROLLBACK", prepare=False)
 
 
 def _update_row(change: Change, outcome: Committed | Exception, current: Entity) -> tuple[Any, ...]:
@@ -622,7 +667,7 @@ class PostgresStore(Store):
         self._version = sql.readable_version(row, SCHEMA_VERSION)
         return self._version
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """A pooled connection; psycopg's failures translated where they enter (STYLE 7)."""
         if self._pool is None:
@@ -704,9 +749,13 @@ class PostgresStore(Store):
         try:
             async with self._connection() as conn:
                 attempt.backend_pid = conn.info.backend_pid
-                async with conn.transaction():
-                    outcomes, redo = await self._apply_set(conn, changes, attempt)
+                try:
+                    outcomes, redo = await self._apply_set(conn, changes, attempt)  # opens the transaction
                     attempt.sent = True
+                    await conn.execute("COMMIT", prepare=False)
+                except BaseException:
+                    await _roll_back(conn)
+                    raise
         except Unavailable as exc:
             if not (attempt.sent and attempt.xid is not None and await self._settle(attempt)):
                 self.write_failed(exc.detail)
@@ -742,12 +791,17 @@ class PostgresStore(Store):
         on_base = [_decided_on_base(c) for c in changes]
         locked = [c for c, b in zip(changes, on_base, strict=True) if not b]
         found: dict[tuple[str, str], Any] = {}
+        wanted = sum(1 for c in changes if c.record is not None)
         if locked:
+            await conn.execute("BEGIN", prepare=False)
             keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in locked], ensure_ascii=False)
             rows = await (await conn.execute(_LOCK_MANY, (keys, len(locked)))).fetchall()
             found = {(r[0], r[1]): r for r in rows}
-        wanted = sum(1 for c in changes if c.record is not None)
-        head = await (await conn.execute(_NEXT_RECORDS, (wanted,))).fetchone()
+            head = await (await conn.execute(_NEXT_RECORDS, (wanted,))).fetchone()
+        else:
+            cursor = await conn.execute(_BEGIN_NEXT_RECORDS.format(count=wanted), prepare=False)
+            cursor.nextset()  # past BEGIN's result
+            head = await cursor.fetchone()
         assert head is not None
         record_ids, clock, attempt.xid = sorted(head[0]), head[1], head[2]
         now = _utc_text(clock)
@@ -783,6 +837,7 @@ class PostgresStore(Store):
             won = {(r[0], r[1]) for r in made}
             redo = [n for n in creates if (changes[n].entity_type, changes[n].entity_id) not in won]
             skipped.update(redo)
+        audit_json = _rows(_AUDIT_KEYS, _audit_rows(outcomes, skipped))
         if updates:
             updates.sort(key=lambda n: (changes[n].entity_type, changes[n].entity_id))  # row locks in key order
             update_rows = []
@@ -790,10 +845,8 @@ class PostgresStore(Store):
                 current = currents[n]
                 assert current is not None  # not created: the row was there
                 update_rows.append(_update_row(changes[n], outcomes[n], current))
-            rows_json = _rows(_UPDATE_KEYS, update_rows)
-            moved = {
-                (r[0], r[1]) for r in await (await conn.execute(_UPDATE_MANY, (rows_json, len(update_rows)))).fetchall()
-            }
+            params = (_rows(_UPDATE_KEYS, update_rows), len(update_rows), audit_json)
+            moved = {(r[0], r[1]) for r in await (await conn.execute(_UPDATE_AND_AUDIT_MANY, params)).fetchall()}
             for n in updates:
                 change = changes[n]
                 if (change.entity_type, change.entity_id) in moved:
@@ -807,29 +860,14 @@ class PostgresStore(Store):
                     revision=None,
                 )
                 skipped.add(n)
-        audit_rows: list[tuple[Any, ...]] = []
+        elif audit_json != "[]":
+            await conn.execute(_INSERT_AUDIT_MANY, (audit_json,))
         label_sets: list[tuple[Any, ...]] = []
         for n, outcome in enumerate(outcomes):
             if n in skipped or not isinstance(outcome, Committed):
                 continue
-            new, record = outcome.entity, outcome.record
-            if record is not None:
-                audit_rows.append(
-                    (
-                        record["id"],
-                        new.entity_type,
-                        new.entity_id,
-                        record["seq"],
-                        record["outcome"],
-                        record["recordedAt"],
-                        dumps(record),
-                        new.revision,
-                    )
-                )
-            if new.entity_type in LABELLED:
-                label_sets.extend(label_rows(currents[n], new))  # None for a created entity
-        if audit_rows:
-            await conn.execute(_INSERT_AUDIT_MANY, (_rows(_AUDIT_KEYS, audit_rows),))
+            if outcome.entity.entity_type in LABELLED:
+                label_sets.extend(label_rows(currents[n], outcome.entity))  # None for a created entity
         if label_sets:
             rows_sql = ",".join(["(%s,%s,%s,%s,%s)"] * len(label_sets))
             await conn.execute(_UPSERT_LABELS.format(rows=rows_sql), [v for r in label_sets for v in r])

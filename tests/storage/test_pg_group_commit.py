@@ -393,7 +393,7 @@ def test_a_batch_probes_the_rows_it_names_instead_of_scanning_entities(pg_url: s
     statements = {
         "read": (postgres._SELECT_MANY, (keys, 3)),
         "lock": (postgres._LOCK_MANY, (keys, 3)),
-        "update": (postgres._UPDATE_MANY, (update, 3)),
+        "update": (postgres._UPDATE_AND_AUDIT_MANY, (update, 3, "[]")),
     }
 
     async def scenario() -> dict[str, list[str]]:
