@@ -5,7 +5,7 @@
 Starts ``opscore serve`` processes on a fresh database (a temporary SQLite file, or a new
 schema in ``OPSCORE_BENCH_DATABASE_URL`` / ``OPSCORE_TEST_DATABASE_URL``, dropped at the end),
 brings ``--agents`` agents to ``idle``, then runs one ``wrk`` per replica at the same time,
-the connections split between them, each wrk on its own agents (``benchmarks/pg_http.lua``:
+the connections and wrk threads split between them, each wrk on its own agents (``benchmarks/pg_http.lua``:
 legal idle/active reports, increasing timestamps). Afterwards it checks that every answer
 was 200 and that the audit verifies, and prints one JSON line with the summed throughput.
 """
@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             names = [f"b{i}-{n}" for i in range(args.replicas) for n in range(per)]
             asyncio.run(make_idle(servers, names, datetime.fromtimestamp(base - 3600, UTC).isoformat()))
             conns = args.connections // args.replicas
-            threads = max(1, min(args.threads, conns))
+            # The load generator's threads are split like its connections: one replica or two,
+            # wrk runs the same number of threads on the same two cores.
+            threads = max(1, min(args.threads // args.replicas, conns))
             procs = []
             for i, server in enumerate(servers):
                 argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{args.duration}s", "-s", str(LUA), server.url,
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--duration", type=int, default=30)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads per wrk process")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads in all, split between the replicas' wrks")
     parser.add_argument("--agents", type=int, default=4096)
     parser.add_argument("--pool-max", type=int, default=0, help="OPSCORE_PG_POOL_MAX for the servers")
     args = parser.parse_args()
