@@ -259,14 +259,17 @@ _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (scope, key, fingerprint, status,
 _NEXT_RECORD = "SELECT CASE WHEN %s THEN nextval('audit_ids') END, clock_timestamp(), pg_current_xact_id()::text"
 # -- the group commit's statements (opscore/storage/pgwrite.py batches, these write) ---------------
 # Rows are locked in key order, so two replicas' batches never wait on each other in a cycle.
-# Every json_to_recordset that is joined to entities carries ``LIMIT <its row count>``: the
+# Every json_to_recordset joined to entities carries ``LIMIT <its row count>``: the
 # planner cannot see into the JSON and assumes 100 rows, for which a hash join over a whole
 # sequential scan of entities looks cheaper than index probes while the table holds fewer than
 # about ten thousand rows; with the true count it probes the primary key (0.7 → 0.08 ms a batch
 # at 6,000 rows, and a scan's cost grew with the table and with every batch, not every change).
-_SELECT_MANY = (
-    f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
-    "(SELECT * FROM json_to_recordset(%s::json) AS k(t text, i text) LIMIT %s)"
+# The coalesced read names its ids as a JSON array, one statement per entity type (nearly always
+# one): cheaper to plan than a join to json_to_recordset (PostgreSQL CPU for a read of four
+# rows: 65 µs against 140, most of it planning, which runs for every batch; docs/performance.md).
+_SELECT_IDS = (
+    f"SELECT {ENTITY_COLUMNS} FROM entities "
+    "WHERE entity_type = %s AND entity_id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))"
 )
 _LOCK_MANY = (
     f"SELECT {ENTITY_COLUMNS} FROM entities WHERE (entity_type, entity_id) IN "
@@ -711,8 +714,13 @@ class PostgresStore(Store):
             if len(keys) == 1:
                 rows = await (await conn.execute(_SELECT_ENTITY, keys[0])).fetchall()
             else:
-                param = json.dumps([{"t": t, "i": i} for t, i in keys], ensure_ascii=False)
-                rows = await (await conn.execute(_SELECT_MANY, (param, len(keys)))).fetchall()
+                by_type: dict[str, list[str]] = {}
+                for entity_type, entity_id in keys:
+                    by_type.setdefault(entity_type, []).append(entity_id)
+                rows = []
+                for entity_type, ids in by_type.items():
+                    param = json.dumps(ids, ensure_ascii=False)
+                    rows += await (await conn.execute(_SELECT_IDS, (entity_type, param))).fetchall()
         return {(row[0], row[1]): entity_from_row(row) for row in rows}
 
     async def get_many(self, entity_type: str, entity_ids: list[str]) -> list[Entity | None]:
@@ -781,8 +789,10 @@ class PostgresStore(Store):
         A change that carries the engine's read (``Change.base``) and no metadata is decided on
         that read: no second read, no row lock taken before the write. The others (metadata,
         a compare-and-set on data, no base) are read again with ``FOR UPDATE`` first.
-        Statements: [lock and read], ids and clock, [create], update (compare-and-set), audit
-        insert, [labels]: the same handful for one change or for hundreds. A change refused
+        Opens the transaction (the caller commits it). Statements: BEGIN with the ids and clock
+        (or BEGIN, lock and read, ids and clock), [create], the update (compare-and-set) with its
+        records' insert, [labels]: the same handful for one change or for hundreds, and on the
+        hot path two round trips before COMMIT. A change refused
         by :func:`~opscore.storage.base.next_entity` (revision moved, unknown entity), or
         whose base another writer moved, is answered alone and writes nothing. Returns each
         change's outcome and the places of the changes whose entity another transaction

@@ -391,7 +391,7 @@ def test_a_batch_probes_the_rows_it_names_instead_of_scanning_entities(pg_url: s
     times = dict.fromkeys(("u", "ls", "lr"), "2026")
     update = json.dumps([{"t": "agent", "i": f"e{n}", **row, **times} for n in (7, 1500, 4999)])
     statements = {
-        "read": (postgres._SELECT_MANY, (keys, 3)),
+        "read": (postgres._SELECT_IDS, ("agent", json.dumps(["e7", "e1500", "e4999"]))),
         "lock": (postgres._LOCK_MANY, (keys, 3)),
         "update": (postgres._UPDATE_AND_AUDIT_MANY, (update, 3, "[]")),
     }
@@ -430,3 +430,36 @@ def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("Plans", []):
         yield from plan_nodes(child)
+
+
+def test_reads_that_wait_together_find_each_entity_of_every_type(pg_url: str) -> None:
+    """The coalesced read asks once per entity type; mixed types, missing ids and odd ids all answer right."""
+    ids = ["a1", "a2", "ä ' \\ \" x", "missing"]
+
+    async def scenario() -> list[Entity | None]:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            assert store._pool is not None
+            async with store._pool.connection() as conn:
+                for entity_type, entity_id in [("agent", i) for i in ids[:3]] + [("task", "a1")]:
+                    await conn.execute(
+                        "INSERT INTO entities (entity_type, entity_id, state, revision, seq, head_hash, data, "
+                        "created_at, updated_at, last_details) VALUES (%s, %s, %s, 1, 1, 'h', '{}', '2026', '2026', "
+                        "'{}')",
+                        (entity_type, entity_id, f"{entity_type}-state"),
+                    )
+            keys = [("agent", i) for i in ids] + [("task", "a1"), ("task", "a2")]
+            return list(await asyncio.gather(*(store.get(t, i) for t, i in keys)))
+        finally:
+            await store.close()
+
+    found = asyncio.run(scenario())
+    assert [(e.entity_type, e.entity_id, e.state) if e else None for e in found] == [
+        ("agent", "a1", "agent-state"),
+        ("agent", "a2", "agent-state"),
+        ("agent", "ä ' \\ \" x", "agent-state"),
+        None,
+        ("task", "a1", "task-state"),
+        None,
+    ]
