@@ -96,6 +96,7 @@ from opscore.storage.rows import (
     LABELLED,
     POSTGRES,
     TIMER_COLUMNS,
+    audit_row,
     dumps,
     entity_from_row,
     entity_values,
@@ -438,20 +439,7 @@ def _audit_rows(outcomes: list[Committed | Exception], skipped: set[int]) -> lis
     for n, outcome in enumerate(outcomes):
         if n in skipped or not isinstance(outcome, Committed) or outcome.record is None:
             continue
-        new, record = outcome.entity, outcome.record
-        rows.append(
-            (
-                record["id"],
-                new.entity_type,
-                new.entity_id,
-                record["seq"],
-                record["outcome"],
-                record["recordedAt"],
-                dumps(record),
-                new.revision,
-                outcome.created,
-            )
-        )
+        rows.append((*audit_row(outcome.entity, outcome.record), outcome.created))
     return rows
 
 
@@ -510,16 +498,7 @@ def _write(
     shape = (record is not None, idempotency is not None, update, len(labels) if labels else 0)
     params: list[Any] = []
     if record is not None:
-        params += [
-            record["id"],
-            record["entityType"],
-            record["entityId"],
-            record["seq"],
-            record["outcome"],
-            record["recordedAt"],
-            dumps(record),
-            entity.revision,
-        ]
+        params += audit_row(entity, record)
     if idempotency is not None:
         entry = stored_answer(idempotency, record)
         params += [entry.scope, entry.key, entry.fingerprint, entry.status, dumps(entry.body)]

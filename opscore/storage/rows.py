@@ -48,6 +48,24 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if value else "{}"
 
 
+def audit_row(entity: Entity, record: dict[str, Any]) -> tuple[Any, ...]:
+    """An audit row's values: id, entity_type, entity_id, seq, outcome, recorded_at, body, revision.
+
+    The body is the text made while sealing (:func:`~opscore.audit.text_of`), not a second
+    serialisation; ``revision`` is the entity's after the record.
+    """
+    return (
+        record["id"],
+        entity.entity_type,
+        entity.entity_id,
+        record["seq"],
+        record["outcome"],
+        record["recordedAt"],
+        audit.text_of(record),
+        entity.revision,
+    )
+
+
 def entity_from_row(row: tuple[Any, ...]) -> Entity:
     """An :class:`Entity` from a row selected as ``ENTITY_COLUMNS``."""
     return Entity(

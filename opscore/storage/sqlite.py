@@ -43,6 +43,7 @@ from opscore.storage.rows import (
     TIMER_COLUMNS,
     Steps,
     audit_page,
+    audit_row,
     entity_from_row,
     entity_values,
     label_rows,
@@ -533,16 +534,7 @@ class SQLiteStore(Store):
         new, record, created = next_entity(current, change, now=utc_now(), record_id=record_id)
         deferred = tx.deferred
         if record is not None:
-            row = (
-                record["id"],
-                new.entity_type,
-                new.entity_id,
-                record["seq"],
-                record["outcome"],
-                record["recordedAt"],
-                audit.text_of(record),
-                new.revision,
-            )
+            row = audit_row(new, record)
             if plain:
                 deferred.audit.append(row)
             else:
