@@ -9,10 +9,11 @@ them in ONE transaction of a handful of set-based statements
 (:meth:`~opscore.storage.postgres.PostgresStore._apply_set`). The batching lives here; the SQL
 stays in the store.
 
-The store runs two writer tasks on one queue: while one batch's statements and COMMIT run on
-the server, the other gathers and builds the next, so neither the event loop nor the database
-waits for the other (one writer left each idle half the time; ``docs/performance.md``,
-"Two writers"). Their batches never hold the same entity (the engine sends one change per
+``writers`` tasks may drain the one queue: while one batch's statements and COMMIT run on the
+server, another gathers and builds the next. The store runs one: that overlap paid while a batch
+took five round trips (``docs/performance.md``, "Two writers"), but with three, a second writer
+mostly halved the batches under HTTP load and cost more than it overlapped ("One writer
+again"). Several writers' batches never hold the same entity (the engine sends one change per
 entity at a time), and if they did, the compare-and-set under the row lock would refuse the
 later one as it refuses another replica's.
 

@@ -548,8 +548,11 @@ class PostgresStore(Store):
         readonly: bool = False,
         pooler: str = "none",
         max_batch: int = 512,
-        writers: int = 2,
+        writers: int = 1,
     ) -> None:
+        # One group writer: with a batch down to three round trips, a second writer only halved
+        # the batches (and doubled their fixed cost) under HTTP load; docs/performance.md, "One
+        # writer again". More than one stays possible (tests run two).
         self.url = url
         self.readonly = readonly
         self.pooler = pooler

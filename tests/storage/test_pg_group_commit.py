@@ -463,3 +463,45 @@ def test_reads_that_wait_together_find_each_entity_of_every_type(pg_url: str) ->
         ("task", "a1", "task-state"),
         None,
     ]
+
+
+def test_two_writer_tasks_on_one_queue_keep_every_chain_whole(pg_url: str) -> None:
+    """``writers=2`` (not the default): batches commit side by side, and each agent's chain stays gap-free.
+
+    Twenty agents move twelve times each; each round's second half is submitted once a writer
+    has taken the first half, so the other writer commits it while the first batch is in flight.
+    """
+
+    async def scenario() -> tuple[list[Any], int]:
+        store = PostgresStore(pg_url, writers=2)
+        await store.open()
+        commit, in_flight, peak = store._writer._commit, 0, 0
+
+        async def counted(changes: list[Change]) -> Any:  # the real commit, counted while in flight
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await commit(changes)
+            finally:
+                in_flight -= 1
+
+        store._writer._commit = counted
+        try:
+            answers: list[Any] = []
+            for revision in range(12):
+                state = "idle" if revision % 2 == 0 else "active"
+                first = [asyncio.ensure_future(store.apply(move(f"w{n}", state, revision))) for n in range(10)]
+                await asyncio.sleep(0)  # they are queued ...
+                while store._writer._queue.qsize():  # ... until one writer has taken them into its batch
+                    await asyncio.sleep(0)
+                second = [asyncio.ensure_future(store.apply(move(f"w{n}", state, revision))) for n in range(10, 20)]
+                answers += await asyncio.gather(*first, *second)
+            return answers, peak
+        finally:
+            await store.close()
+
+    answers, peak = asyncio.run(scenario())
+    assert all(isinstance(a, Committed) for a in answers), [a for a in answers if not isinstance(a, Committed)]
+    assert peak == 2  # two batches were in flight at once
+    assert chains(pg_url) == {f"w{n}": list(range(1, 13)) for n in range(20)}
