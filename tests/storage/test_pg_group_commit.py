@@ -370,19 +370,19 @@ def test_a_pooled_connection_never_keeps_a_generic_plan(pg_url: str) -> None:
         return [(str(s), int(g), int(c)) for s, g, c in rows]
 
     plans = asyncio.run(scenario())
-    group_reads = [p for p in plans if "json_to_recordset" in p[0]]
-    assert group_reads and all(custom >= 1 for _, _, custom in group_reads)  # prepared, and run several times
+    batched = [p for p in plans if "json_to_recordset" in p[0]]  # the group writer's update with its records
+    assert batched and all(custom >= 1 for _, _, custom in batched)  # prepared, and run several times
     assert [p for p in plans if p[1]] == []
 
 
 def test_a_batch_probes_the_rows_it_names_instead_of_scanning_entities(pg_url: str) -> None:
-    """The batch statements join ``json_to_recordset`` to ``entities`` by index, whatever the table's size.
+    """The batch statements find their rows in ``entities`` by index, whatever the table's size.
 
-    PostgreSQL cannot see into the JSON parameter and assumes 100 rows; on a table of a few
-    thousand entities it then hash-joins a sequential scan of all of them, once per batch
-    (docs/performance.md, "A hundred rows assumed"). Each statement says how many rows it
-    carries; EXPLAIN, with the parameters a batch of three sends, must show no scan of
-    ``entities``.
+    PostgreSQL cannot see into a ``json_to_recordset`` parameter and assumes 100 rows; on a
+    table of a few thousand entities it then hash-joins a sequential scan of all of them, once
+    per batch (docs/performance.md, "A hundred rows assumed"). The lock and the update say how
+    many rows they carry, the read names its ids as an array; EXPLAIN, with the parameters a
+    batch of three sends, must show no scan of ``entities``.
     """
     from opscore.storage import postgres
 
