@@ -7,7 +7,8 @@ schema in ``OPSCORE_BENCH_DATABASE_URL`` / ``OPSCORE_TEST_DATABASE_URL``, droppe
 brings ``--agents`` agents to ``idle``, then runs one ``wrk`` per replica at the same time,
 the connections and wrk threads split between them, each wrk on its own agents (``benchmarks/pg_http.lua``:
 legal idle/active reports, increasing timestamps). Afterwards it checks that every answer
-was 200 and that the audit verifies, and prints one JSON line with the summed throughput.
+was 200 and that the audit verifies, and prints one JSON line with the summed throughput and
+the mean group commit and read batch during the load (``/metrics``, summed over the replicas).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from tests.servers import Server
@@ -77,6 +79,30 @@ async def make_idle(servers: list[Server], agents: list[str], at: str) -> None:
             await client.aclose()
 
 
+def batch_counts(servers: list[Server]) -> dict[str, list[float]]:
+    """Each kind's [batches, items] summed over the replicas, from ``/metrics``."""
+    counts: dict[str, list[float]] = {}
+    for server in servers:
+        with server.client() as client:
+            text = client.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in ("opscore_store_batches_total", "opscore_store_batch_items_total"):
+                    row = counts.setdefault(sample.labels["kind"], [0.0, 0.0])
+                    row[sample.name == "opscore_store_batch_items_total"] += sample.value
+    return counts
+
+
+def mean_batches(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, float]:
+    """The mean batch of each kind during the load (items / batches between the two scrapes)."""
+    means = {}
+    for kind, (batches, items) in after.items():
+        was = before.get(kind, [0.0, 0.0])
+        if batches > was[0]:
+            means[f"{kind}_batch"] = round((items - was[1]) / (batches - was[0]), 2)
+    return means
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -99,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # The load generator's threads are split like its connections: one replica or two,
             # wrk runs the same number of threads on the same two cores.
             threads = max(1, min(args.threads // args.replicas, conns))
+            before = batch_counts(servers)
             procs = []
             for i, server in enumerate(servers):
                 argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{args.duration}s", "-s", str(LUA), server.url,
@@ -109,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out, _ = proc.communicate()
                 line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
                 results.append(json.loads(line[len("RESULT ") :]))
+            batches = mean_batches(before, batch_counts(servers))
             with servers[0].client() as client:
                 verification = client.get("/v1/opscore/audit/verify", timeout=600).json()
         finally:
@@ -129,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": max(r["p99_us"] for r in results) / 1000,
         "verify_ok": verification["ok"],
         "records": verification["records"],
+        **batches,
     }
 
 

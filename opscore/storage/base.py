@@ -193,6 +193,16 @@ class Store(abc.ABC):
         """
         raise NotImplementedError
 
+    def batch_counts(self) -> dict[str, tuple[int, int]]:
+        """Batches so far by kind, each as (batches, items they carried): ``/metrics`` shows them.
+
+        ``commit``: the group commits (items: the changes they committed); ``read``: the
+        coalesced reads (items: the entities asked for). Their ratio is the mean batch, which
+        says how much of each batch's fixed cost a change pays. Empty for a store that does not
+        batch (memory).
+        """
+        return {}
+
     @abc.abstractmethod
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
         """A page of audit records ordered by id."""

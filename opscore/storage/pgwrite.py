@@ -232,6 +232,9 @@ class ReadCoalescer:
         self.max_batch = max_batch
         self._waiting: list[tuple[Key, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        """Queries sent (``batched / batches`` is the mean read batch)."""
+        self.batched = 0
 
     async def get(self, key: Key) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -243,8 +246,11 @@ class ReadCoalescer:
     async def _drain(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            keys = list(dict.fromkeys(key for key, _ in batch))
+            self.batches += 1
+            self.batched += len(keys)
             try:
-                found = await self._fetch(list(dict.fromkeys(key for key, _ in batch)))
+                found = await self._fetch(keys)
             except BaseException as exc:
                 for _, future in batch:
                     if not future.done():

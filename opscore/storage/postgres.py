@@ -566,6 +566,12 @@ class PostgresStore(Store):
         self._reads = ReadCoalescer(self._get_set)
         self._writer = GroupWriter(self._commit_set, self._apply_alone, max_batch=max_batch, writers=writers)
 
+    def batch_counts(self) -> dict[str, tuple[int, int]]:
+        return {
+            "commit": (self._writer.batches, self._writer.batched),
+            "read": (self._reads.batches, self._reads.batched),
+        }
+
     @property
     def batches(self) -> int:
         """Group commits so far (benchmarks report the mean batch)."""

@@ -452,6 +452,9 @@ class SQLiteStore(Store):
         self._next_id = 1
         self._version = SCHEMA_VERSION
 
+    def batch_counts(self) -> dict[str, tuple[int, int]]:
+        return {"commit": (self._writer.commits, self._writer.committed)}
+
     @property
     def batches(self) -> int:
         """Transactions the writer committed."""

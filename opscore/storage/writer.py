@@ -141,6 +141,10 @@ class GroupCommitWriter(Generic[TxT]):
         """Transactions committed (a count for benchmarks and tests)."""
         self.batched = 0
         """Jobs (or Manys) answered by those transactions."""
+        self.commits = 0
+        """Of those transactions, the ones that wrote (``/metrics``: ``opscore_store_batches_total{kind="commit"}``)."""
+        self.committed = 0
+        """The writes they carried: a job each, a Many's items each (read jobs not counted)."""
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -238,6 +242,11 @@ class GroupCommitWriter(Generic[TxT]):
             return failure
         self.batches += 1
         self.batched += len(jobs)
+        if writes:
+            self.commits += 1
+            self.committed += sum(
+                len(job.run.items) if isinstance(job.run, Many) else 1 for job in jobs if job.mode is not Mode.READ
+            )
         return outcomes
 
 

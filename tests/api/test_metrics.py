@@ -85,6 +85,37 @@ def test_transitions_requests_durations_commits_and_entities_move(store_url: str
     run(store_url, body)
 
 
+def test_store_batches_count_what_the_group_commit_and_the_reads_carried(store_url: str) -> None:
+    """Operators see the mean batch (items / batches): the SQL stores count group commits, PostgreSQL reads too."""
+
+    async def body(app: FastAPI, client: httpx.AsyncClient) -> None:
+        before = await scrape(client)
+        answers = await asyncio.gather(*(report(client, f"batch-{n}", "idle") for n in range(20)))
+        assert [a.status_code for a in answers] == [200] * 20
+        assert (await report(client, "batch-0", "registered")).status_code == 409  # refused: committed too
+        after = await scrape(client)
+
+        def moved(name: str, kind: str) -> float:
+            return value(after, name, kind=kind) - value(before, name, kind=kind)
+
+        kinds = {dict(labels)["kind"] for (name, labels) in after if name == "opscore_store_batches_total"}
+        if store_url.startswith("memory"):
+            assert kinds == set()  # nothing batches: no made-up zeros
+            return
+        committed = moved("opscore_store_batch_items_total", "commit")
+        assert 1 <= moved("opscore_store_batches_total", "commit") <= committed
+        if store_url.startswith("postgresql"):
+            assert committed == 21  # 20 reports and a refusal: the group writer takes plain changes only
+            assert kinds == {"commit", "read"}
+            assert moved("opscore_store_batch_items_total", "read") >= 21  # each decision read its agent
+            assert 1 <= moved("opscore_store_batches_total", "read") <= moved("opscore_store_batch_items_total", "read")
+        else:
+            assert kinds == {"commit"}
+            assert committed >= 21  # and whatever else the writer thread wrote meanwhile (timer claims)
+
+    run(store_url, body)
+
+
 def test_no_label_takes_a_raw_path_or_a_client_value(store_url: str) -> None:
     async def body(app: FastAPI, client: httpx.AsyncClient) -> None:
         for n in range(5):

@@ -18,12 +18,12 @@ READ = Permit(Scope.READ)
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Every metric, with ``opscore_entities`` counted by the store now (one aggregate query)."""
+    """Every metric, with ``opscore_entities`` counted by the store now (one aggregate query) and its batch counts."""
     settings: Settings = request.app.state.settings
     if not settings.metrics_public:
         # Prometheus sends `Authorization: Bearer <key>` (its `authorization` config); scope `read`
         await READ(request, await caller(request))
     store: Store = request.app.state.engine.store
     registry: Metrics = request.app.state.metrics
-    body = registry.render(await store.count_states())
+    body = registry.render(await store.count_states(), store.batch_counts())
     return Response(body, media_type=CONTENT_TYPE_LATEST)
