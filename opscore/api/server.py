@@ -91,6 +91,57 @@ async def _busy(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+COALESCE_BYTES = 65536
+"""A body chunk up to this size is joined to the head held before it (a copy); a larger one is written after it."""
+
+
+class OneWrite:
+    """The transport a response cycle writes through: a response's head leaves with its body, in one write.
+
+    uvicorn writes the status line and headers, then the body, in two ``transport.write``
+    calls: two ``send`` syscalls and two TCP segments, each waking the client. Starlette (and
+    the hot routes' twins) send the body in the same turn of the event loop as the head, so
+    the first write is held and joined to the next one. A head whose body does not follow in
+    that turn (a stream waiting for its first event) goes out at the next turn of the loop,
+    and ``close`` writes what is held first: nothing is reordered or kept back.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        self._held = None
+        if len(data) <= COALESCE_BYTES:
+            self._transport.write(held + data)
+        else:
+            self._transport.write(held)
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
 class Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header size limit, a read deadline and a JSON 503.
 
@@ -103,6 +154,7 @@ class Protocol(HttpToolsProtocol):
       begun). Between requests uvicorn's keep-alive timeout applies as before.
     - **Connections**: over ``max_connections`` open connections a request is answered 503
       with a JSON body (uvicorn's ``limit_concurrency`` check, same place, same counts).
+    - **One write per response**: each request's cycle writes through :class:`OneWrite`.
     """
 
     def __init__(
@@ -123,10 +175,12 @@ class Protocol(HttpToolsProtocol):
         self.header_bytes = 0
         self.awaiting_headers = True
         self.refused = False
+        self.one_write: OneWrite | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.read_deadline = self.loop.time() + self.read_timeout
+        self.one_write = OneWrite(transport, self.loop)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -163,6 +217,7 @@ class Protocol(HttpToolsProtocol):
                 self.app = app
             return
         super().on_headers_complete()
+        self.cycle.transport = self.one_write  # type: ignore[assignment]
 
     # After a refusal the parser finishes the chunk it was fed; the callbacks that would start
     # or feed a request are cut off (url and headers may still be collected: one chunk at most).
