@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opscore.errors import OpsCoreError, StorageError, Unavailable
+from opscore.errors import Invalid, OpsCoreError, StorageError, Unavailable
 from opscore.models import Change, Committed
 
 log = logging.getLogger("opscore.storage")
@@ -224,7 +224,9 @@ class ReadCoalescer:
     Under load, hundreds of ``get`` calls are waiting at once, each paying a pool checkout and a
     statement in psycopg, which cost more Python than the rest of a transition. A read joins
     the next query only if it has not been sent yet, so a read started after a commit was
-    answered still sees that commit.
+    answered still sees that commit. When the query is refused for a value (``Invalid``: a key
+    PostgreSQL cannot hold), each key is read alone, so one caller's key fails its own readers
+    and no one else's; a broken connection fails the whole batch, as it would each read.
     """
 
     def __init__(self, fetch: Callable[[list[Key]], Awaitable[dict[Key, Any]]], *, max_batch: int = 512) -> None:
@@ -249,8 +251,11 @@ class ReadCoalescer:
             keys = list(dict.fromkeys(key for key, _ in batch))
             self.batches += 1
             self.batched += len(keys)
+            failed: dict[Key, Exception] = {}
             try:
                 found = await self._fetch(keys)
+            except Invalid as exc:  # a key PostgreSQL refuses (NUL, a lone surrogate): it alone fails
+                found, failed = ({}, {keys[0]: exc}) if len(keys) == 1 else await self._each_alone(keys)
             except BaseException as exc:
                 for _, future in batch:
                     if not future.done():
@@ -260,4 +265,19 @@ class ReadCoalescer:
                 continue
             for key, future in batch:
                 if not future.done():
-                    future.set_result(found.get(key))
+                    error = failed.get(key)
+                    if error is None:
+                        future.set_result(found.get(key))
+                    else:
+                        future.set_exception(error)
+
+    async def _each_alone(self, keys: list[Key]) -> tuple[dict[Key, Any], dict[Key, Exception]]:
+        """A batch one of whose keys PostgreSQL refused: each key read alone, so only that key's readers fail."""
+        found: dict[Key, Any] = {}
+        failed: dict[Key, Exception] = {}
+        for key in keys:
+            try:
+                found.update(await self._fetch([key]))
+            except Exception as exc:  # noqa: BLE001 - this key's readers get it
+                failed[key] = exc
+        return found, failed

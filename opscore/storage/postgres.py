@@ -672,6 +672,8 @@ class PostgresStore(Store):
             raise RevisionConflict(f"PostgreSQL rolled the transaction back: {exc}") from exc
         except pg_errors.DataError as exc:  # e.g. a NUL character in a text key
             raise Unstorable(f"the value cannot be stored: {exc}") from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 for it, refused before it was sent
+            raise Unstorable(f"the value cannot be stored as UTF-8: {exc.reason}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
         except psycopg.Error as exc:

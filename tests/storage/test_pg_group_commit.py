@@ -505,3 +505,35 @@ def test_two_writer_tasks_on_one_queue_keep_every_chain_whole(pg_url: str) -> No
     assert all(isinstance(a, Committed) for a in answers), [a for a in answers if not isinstance(a, Committed)]
     assert peak == 2  # two batches were in flight at once
     assert chains(pg_url) == {f"w{n}": list(range(1, 13)) for n in range(20)}
+
+
+@pytest.mark.parametrize("bad", ["bad\x00id", "bad\ud800id"], ids=["nul", "lone-surrogate"])
+def test_an_unstorable_id_in_a_coalesced_read_fails_only_its_own_reader(pg_url: str, bad: str) -> None:
+    """Reads that arrive together share one query; a key PostgreSQL cannot take fails its reader, not the others.
+
+    The API refuses such ids before the store (``opscore.inputs``); the store must not rely on it:
+    one caller's key would otherwise fail every read that joined its batch.
+    """
+
+    async def scenario() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        try:
+            await store.apply_many([move("r0", "idle", 0), move("r2", "idle", 0)])
+            answers = await asyncio.gather(
+                store.get("agent", "r0"), store.get("agent", bad), store.get("agent", "r2"), store.get("agent", "none"),
+                return_exceptions=True,
+            )  # fmt: skip
+            assert isinstance(answers[1], Unstorable), answers[1]
+            assert isinstance(answers[0], Entity) and answers[0].state == "idle"
+            assert isinstance(answers[2], Entity) and answers[2].state == "idle"
+            assert answers[3] is None
+            with pytest.raises(Unstorable):
+                await store.get_many("agent", ["r0", bad])
+            assert (await store.get("agent", "r0")) is not None  # the reads go on
+            written = await store.apply_many([move("r3", "idle", 0), move(bad, "idle", 0)])
+            assert isinstance(written[0], Committed) and isinstance(written[1], Unstorable), written
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
