@@ -284,19 +284,10 @@ _NEXT_RECORDS = (
     "SELECT ARRAY(SELECT nextval('audit_ids') FROM generate_series(1, %s)), clock_timestamp(), "
     "pg_current_xact_id()::text"
 )
-# The group writer's transaction plans its statements once per connection, not once per batch:
-# planning the update with its records and the lock took 40 % of their backend time (about 400
-# µs of 1,100 a batch of eight; docs/performance.md, "Generic plans for the group writer"). A
-# generic plan is made once, whatever the table's size then; with sequential scans off while
-# it is made, a plan made on an empty table still probes ``entities`` by its key, which is what
-# a batch that names its rows wants at any size. ``SET LOCAL`` ends with the transaction, so no
-# other statement on the connection is planned this way (and a transaction pooler sees no
-# session state). Sent in the same simple-protocol string as BEGIN: no round trip of its own.
-_BEGIN_BATCH = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
 # A batch with nothing to lock opens its transaction with the same query: ``BEGIN`` and the
 # SELECT sent as one simple-protocol string (no parameters; the count is an int written in), so
 # the transaction costs no round trip of its own. Never prepared: a prepared statement holds one.
-_BEGIN_NEXT_RECORDS = _BEGIN_BATCH + "; " + _NEXT_RECORDS.replace("%s", "{count:d}")
+_BEGIN_NEXT_RECORDS = "BEGIN; " + _NEXT_RECORDS.replace("%s", "{count:d}")
 # Rows travel as ONE json parameter (json.dumps is C; psycopg dumps a text[] element by element
 # with a regex, which cost more than the rest of the batch). ``json``, never ``jsonb``: strings
 # come back exactly as sent; one PostgreSQL cannot hold (a NUL) fails the batch, which then
@@ -363,9 +354,7 @@ async def _plan_each_run(conn: psycopg.AsyncConnection[Any]) -> None:
     Measured at 64 connections (``docs/performance.md``): PostgreSQL's CPU per state report
     went 193 → 388 → 508 µs over three rounds of fresh agents, and stays about 100 µs with
     custom plans; planning each run costs a few µs a request. Behind a transaction pooler no
-    statement is prepared (``prepare_threshold=None``), so every run is planned anyway. The
-    group writer's transaction alone asks for generic plans, made with sequential scans off
-    (``_BEGIN_BATCH``): its statements name their rows by key.
+    statement is prepared (``prepare_threshold=None``), so every run is planned anyway.
     """
     await conn.execute("SET plan_cache_mode = force_custom_plan")
 
@@ -804,7 +793,7 @@ class PostgresStore(Store):
         found: dict[tuple[str, str], Any] = {}
         wanted = sum(1 for c in changes if c.record is not None)
         if locked:
-            await conn.execute(_BEGIN_BATCH, prepare=False)
+            await conn.execute("BEGIN", prepare=False)
             keys = json.dumps([{"t": c.entity_type, "i": c.entity_id} for c in locked], ensure_ascii=False)
             rows = await (await conn.execute(_LOCK_MANY, (keys, len(locked)))).fetchall()
             found = {(r[0], r[1]): r for r in rows}
