@@ -759,9 +759,9 @@ class PostgresStore(Store):
                 self.write_failed(exc.detail)
                 raise
         except (StorageError, RevisionConflict, Unstorable, ValueError) as exc:  # a refused value, a deadlock
-            detail = (
-                exc.detail if isinstance(exc, OpsCoreError) else repr(exc)
-            )  # (ValueError: text psycopg cannot encode)
+            # text psycopg cannot encode is Unstorable by now (_connection); a ValueError is any other
+            # value a statement's parameters could not be made of
+            detail = exc.detail if isinstance(exc, OpsCoreError) else repr(exc)
             log.warning("PostgreSQL batch rolled back", extra={"changes": len(changes), "error": detail})
             return None  # nothing committed: the writer applies each change alone
         self.last_write_error = None
