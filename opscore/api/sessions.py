@@ -143,6 +143,18 @@ class Sessions:
             self._revoked[session.sid] = session.expires
 
 
+def cookie_max_age(session: Session) -> int:
+    """The cookie's ``Max-Age``: from the whole second it is sent in to the session's expiry.
+
+    Counted from ``seconds`` alone, a client that keeps time in whole seconds (Python's
+    ``http.cookiejar`` does) adds it to the second it truncated ``now`` to, and drops a
+    1-second cookie as soon as that second ends, however early in it the cookie arrived,
+    while the server would still accept it. At worst a browser keeps the cookie a second past
+    the session's end, when the server refuses it anyway.
+    """
+    return max(0, session.expires - int(time.time()))
+
+
 def current(request: Request) -> Session | None:
     """The request's valid session, if its cookie holds one."""
     value = request.cookies.get(COOKIE)

@@ -213,12 +213,12 @@ async def login(request: Request) -> Response:
         return render(
             request, "login.html", status=401, title="Sign in", next=target, error="That key is not valid.", nav=None
         )
-    value, _ = request.app.state.sessions.issue(key)
+    value, session = request.app.state.sessions.issue(key)
     answer = RedirectResponse(target, status_code=303)
     answer.set_cookie(
         sessions.COOKIE,
         value,
-        max_age=int(request.app.state.sessions.seconds),
+        max_age=sessions.cookie_max_age(session),
         path="/",
         httponly=True,
         samesite="strict",

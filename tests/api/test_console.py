@@ -142,6 +142,21 @@ def test_a_session_lasts_at_least_its_configured_seconds() -> None:
         time.sleep(0.09)
 
 
+def test_the_cookie_outlives_the_session_on_a_clock_in_whole_seconds() -> None:
+    """``http.cookiejar`` adds Max-Age to ``int(now)``: Max-Age=1 dropped a 1-second cookie the server still took."""
+    key = ApiKey("k", b"d" * 32)
+    book = sessions.Sessions(b"s" * 32, (key,), 1)
+    checked = 0
+    while checked < 10:  # issued at different fractions of a second, each within one whole second
+        before = time.time()
+        _, session = book.issue(key)
+        max_age = sessions.cookie_max_age(session)
+        if int(time.time()) == int(before):
+            assert session.expires <= int(before) + max_age <= session.expires + 1
+            checked += 1
+        time.sleep(0.09)
+
+
 def test_every_page_renders_on_every_store(store_url: str) -> None:
     async def body(app: FastAPI, client: httpx.AsyncClient, browser: httpx.AsyncClient) -> None:
         await client.post("/v1/opscore/agents", json={"agentId": "p-1", "capabilities": ["cap"]})
