@@ -9,13 +9,15 @@ them in ONE transaction of a handful of set-based statements
 (:meth:`~opscore.storage.postgres.PostgresStore._apply_set`). The batching lives here; the SQL
 stays in the store.
 
-``writers`` tasks may drain the one queue: while one batch's statements and COMMIT run on the
-server, another gathers and builds the next. The store runs one: that overlap paid while a batch
-took five round trips (``docs/performance.md``, "Two writers"), but with three, a second writer
-mostly halved the batches under HTTP load and cost more than it overlapped ("One writer
-again"). Several writers' batches never hold the same entity (the engine sends one change per
-entity at a time), and if they did, the compare-and-set under the row lock would refuse the
-later one as it refuses another replica's.
+One batch is in flight at a time, except under a backlog: when a batch is *full* (``max_batch``
+changes were waiting), it goes out beside the one in flight, up to ``in_flight`` batches at once,
+so the database works on one batch while the writer decides and builds the next. Under state
+reports, batches are far from full and one writer it stays: a second writer on every batch
+mostly halved the batches and cost more than it overlapped (``docs/performance.md``, "One
+writer again"). Under the batch endpoint's hundreds of changes a request, the queue outruns one
+batch at a time, and the overlap is what pays ("Full batches side by side"). Batches in flight
+together never hold the same entity: a change to an entity in a batch still in flight waits
+for the next batch after it, as a second change in one batch does.
 
 The promises, each kept per change:
 
@@ -58,6 +60,7 @@ log = logging.getLogger("opscore.storage")
 Outcome = Committed | Exception
 
 _Job = tuple[Change, "asyncio.Future[Committed]"]
+Key = tuple[str, str]
 
 BatchCommit = Callable[[list[Change]], Awaitable[list[Outcome] | None]]
 """Commits changes in one transaction: each change's outcome, or ``None`` when the batch did not commit
@@ -80,41 +83,43 @@ def plain(change: Change) -> bool:
 
 
 class GroupWriter:
-    """``writers`` tasks draining one queue; each commits one batch at a time."""
+    """One task draining the queue into batches; a full batch may go out beside the one in flight."""
 
-    def __init__(self, commit: BatchCommit, solo: SoloCommit, *, max_batch: int = 256, writers: int = 1) -> None:
+    def __init__(self, commit: BatchCommit, solo: SoloCommit, *, max_batch: int = 256, in_flight: int = 2) -> None:
         self._commit = commit
         self._solo = solo
         self.max_batch = max_batch
-        self.writers = max(1, writers)
+        self.in_flight = max(1, in_flight)
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._held: deque[_Job] = deque()
-        """Jobs whose entity was already in the batch being gathered: first in the next batch."""
-        self._tasks: list[asyncio.Task[None]] = []
+        """Jobs whose entity was in the batch being gathered or in one in flight: first in a later batch."""
+        self._busy: set[Key] = set()
+        """The entities of the batches sent out beside the writer's own (each is held until they commit)."""
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.batched = 0
 
     def start(self) -> None:
-        """Start the writer tasks on the running loop (a store may be opened again in another loop)."""
-        if not self._tasks:
+        """Start the writer task on the running loop (a store may be opened again in another loop)."""
+        if self._task is None:
             self._queue = asyncio.Queue()
             self._held = deque()
-            self._tasks = [asyncio.create_task(self._run(), name=f"opscore-pg-writer-{n}") for n in range(self.writers)]
+            self._busy = set()
+            self._task = asyncio.create_task(self._run(), name="opscore-pg-writer")
 
     async def stop(self) -> None:
-        """Let queued changes commit, then end the writer tasks."""
-        tasks, self._tasks = self._tasks, []
-        for _ in tasks:
+        """Let queued changes commit, then end the writer task."""
+        task, self._task = self._task, None
+        if task is not None:
             self._queue.put_nowait(None)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
 
     @property
     def running(self) -> bool:
-        return bool(self._tasks)
+        return self._task is not None
 
     async def submit(self, change: Change) -> Committed:
-        if not self._tasks:
+        if self._task is None:
             raise StorageError("the PostgreSQL store is not open for writing")
         future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((change, future))
@@ -122,7 +127,7 @@ class GroupWriter:
 
     async def submit_many(self, changes: list[Change]) -> list[Outcome]:
         """All of them queued at once, so they share batches; each answered in its place."""
-        if not self._tasks:
+        if self._task is None:
             raise StorageError("the PostgreSQL store is not open for writing")
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Committed]] = []
@@ -137,7 +142,8 @@ class GroupWriter:
     def _gather(self, first: _Job | None) -> tuple[list[_Job], bool]:
         """The next batch: held jobs first, then what is queued; ``True`` when told to stop."""
         batch: list[_Job] = []
-        keys: set[tuple[str, str]] = set()
+        keys: set[Key] = set()
+        busy = self._busy
         stop = False
         held, self._held = self._held, deque()
         pending: list[_Job] = list(held)
@@ -148,7 +154,7 @@ class GroupWriter:
             while pending and len(batch) < self.max_batch:
                 job = pending.pop(0)
                 key = (job[0].entity_type, job[0].entity_id)
-                if key in keys:
+                if key in keys or key in busy:
                     self._held.append(job)
                 else:
                     keys.add(key)
@@ -168,25 +174,48 @@ class GroupWriter:
 
     async def _run(self) -> None:
         queue = self._queue
-        while True:
+        beside: set[asyncio.Task[None]] = set()
+        stop = False
+        while not stop:
             first = None
             if not self._held:
                 first = await queue.get()
                 if first is None:
-                    return
+                    break
             batch, stop = self._gather(first)
-            if batch:
-                try:
-                    await self._run_batch(batch)
-                except BaseException as exc:  # a bug here must not leave callers waiting forever
-                    _answer_all(batch, StorageError(f"the PostgreSQL writer failed: {exc!r}"))
-                    if not isinstance(exc, Exception):
-                        raise
-            if stop:
-                while self._held:  # stopping: what is still held goes out too
-                    rest, _ = self._gather(None)
-                    await self._run_batch(rest)
-                return
+            if not batch:  # all of it waits for entities in a batch in flight beside
+                if beside:
+                    await asyncio.wait(beside, return_when=asyncio.FIRST_COMPLETED)
+            elif len(batch) >= self.max_batch and len(beside) + 1 < self.in_flight:
+                beside.add(self._send_beside(batch, beside))
+            else:
+                await self._guarded(batch)
+        if beside:
+            await asyncio.wait(beside)
+        while self._held:  # stopping: what is still held goes out too
+            rest, _ = self._gather(None)
+            await self._guarded(rest)
+
+    def _send_beside(self, batch: list[_Job], beside: set[asyncio.Task[None]]) -> asyncio.Task[None]:
+        """Commit a full batch in a task of its own, its entities busy until it is answered."""
+        keys = {(job[0].entity_type, job[0].entity_id) for job in batch}
+        self._busy |= keys
+
+        def done(task: asyncio.Task[None]) -> None:
+            beside.discard(task)
+            self._busy -= keys
+
+        task = asyncio.create_task(self._guarded(batch))
+        task.add_done_callback(done)
+        return task
+
+    async def _guarded(self, batch: list[_Job]) -> None:
+        try:
+            await self._run_batch(batch)
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            _answer_all(batch, StorageError(f"the PostgreSQL writer failed: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
 
     async def _run_batch(self, batch: list[_Job]) -> None:
         changes = [job[0] for job in batch]
@@ -213,9 +242,6 @@ def _answer_all(batch: list[_Job], exc: Exception) -> None:
     for _, future in batch:
         if not future.done():
             future.set_exception(exc if isinstance(exc, OpsCoreError) else StorageError(str(exc)))
-
-
-Key = tuple[str, str]
 
 
 class ReadCoalescer:

@@ -548,11 +548,11 @@ class PostgresStore(Store):
         readonly: bool = False,
         pooler: str = "none",
         max_batch: int = 512,
-        writers: int = 1,
+        in_flight: int = 2,
     ) -> None:
-        # One group writer: with a batch down to three round trips, a second writer only halved
-        # the batches (and doubled their fixed cost) under HTTP load; docs/performance.md, "One
-        # writer again". More than one stays possible (tests run two).
+        # One group writer; a full batch (a backlog of max_batch changes) goes out beside the
+        # one in flight, up to in_flight at once (opscore/storage/pgwrite.py; docs/performance.md,
+        # "One writer again" and "Full batches side by side").
         self.url = url
         self.readonly = readonly
         self.pooler = pooler
@@ -564,7 +564,7 @@ class PostgresStore(Store):
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
         self._version = SCHEMA_VERSION
         self._reads = ReadCoalescer(self._get_set)
-        self._writer = GroupWriter(self._commit_set, self._apply_alone, max_batch=max_batch, writers=writers)
+        self._writer = GroupWriter(self._commit_set, self._apply_alone, max_batch=max_batch, in_flight=in_flight)
 
     def batch_counts(self) -> dict[str, tuple[int, int]]:
         return {
