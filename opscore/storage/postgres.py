@@ -97,18 +97,19 @@ from opscore.storage.rows import (
     LABELLED,
     POSTGRES,
     TIMER_COLUMNS,
+    Steps,
+    audit_page,
     audit_row,
     dumps,
     entity_from_row,
     entity_values,
     label_rows,
     seek,
-    select_audit,
     select_entities,
     timer_from_row,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -221,6 +222,13 @@ MIGRATIONS: dict[int, list[Migration]] = {
         "ALTER TABLE audit ADD COLUMN xid xid8 NOT NULL DEFAULT '0'",
         "ALTER TABLE audit ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
         "CREATE INDEX audit_commit ON audit (xid, id)",
+    ],
+    # 4: one entity's records are read through audit_chain alone (rows.audit_page, rows.seek), as
+    # SQLite's schema 3 does: each of these indexes cost every record an index entry, its WAL
+    # and its pages (docs/performance.md, "Two audit indexes fewer on PostgreSQL").
+    4: [
+        "DROP INDEX IF EXISTS audit_entity",
+        "DROP INDEX IF EXISTS audit_moment",
     ],
 }
 
@@ -454,6 +462,17 @@ def _audit_rows(outcomes: list[Committed | Exception], skipped: set[int]) -> lis
             continue
         rows.append((*audit_row(outcome.entity, outcome.record), outcome.created))
     return rows
+
+
+async def _run_steps(conn: Connection, steps: Steps) -> Any:
+    """Run a generator of read steps (:data:`~opscore.storage.rows.Steps`) on ``conn``: its answer."""
+    try:
+        sql, params = next(steps)
+        while True:
+            row = await (await conn.execute(sql, params)).fetchone()
+            sql, params = steps.send(row)
+    except StopIteration as done:
+        return done.value
 
 
 async def _roll_back(conn: Connection) -> None:
@@ -1009,16 +1028,16 @@ class PostgresStore(Store):
         return {(str(t), str(s)): int(n) for t, s, n in rows}
 
     async def list_audit(self, query: AuditQuery) -> list[dict[str, Any]]:
-        sql, params = select_audit(query, POSTGRES)
-        async with self._connection() as conn:
-            rows = await (await conn.execute(sql, params)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [json.loads(r[0]) for r in await self._audit_page(query, "body")]
 
     async def list_audit_text(self, query: AuditQuery) -> list[tuple[int, str]]:
-        sql, params = select_audit(query, POSTGRES, "id, body")
+        return [(int(r[0]), str(r[1])) for r in await self._audit_page(query, "id, body")]
+
+    async def _audit_page(self, query: AuditQuery, columns: str) -> list[tuple[Any, ...]]:
+        """A page of audit rows; one chain's goes through ``audit_chain`` alone (``rows.audit_page``)."""
         async with self._connection() as conn:
-            rows = await (await conn.execute(sql, params)).fetchall()
-        return [(int(r[0]), str(r[1])) for r in rows]
+            sql, params = await _run_steps(conn, audit_page(query, POSTGRES, columns))
+            return await (await conn.execute(sql, params)).fetchall()
 
     # -- the live stream in commit order (DESIGN §10) ---------------------------------------------
     #
@@ -1088,16 +1107,9 @@ class PostgresStore(Store):
         """The seek of :func:`opscore.storage.rows.seek`, every step on one pooled connection."""
         if self._version < 2:
             return None
-        steps = seek(POSTGRES, entity_type, entity_id, moment)
         async with self._connection() as conn:
-            try:
-                sql, params = next(steps)
-                while True:
-                    row = await (await conn.execute(sql, params)).fetchone()
-                    sql, params = steps.send(row)
-            except StopIteration as done:
-                result: Position | None = done.value
-                return result
+            result: Position | None = await _run_steps(conn, seek(POSTGRES, entity_type, entity_id, moment))
+            return result
 
     async def verify(self, verifier: audit.ChainVerifier | None = None) -> audit.Verification:
         """Stream every record in id order from one snapshot; parse and hash off the event loop."""

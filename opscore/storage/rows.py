@@ -149,11 +149,6 @@ class Dialect:
     """Tests ``entity_id`` against a prefix: binds its length, then the prefix."""
     ids_as_array: bool
     """``entity_id = ANY(<one array>)`` rather than ``IN (<one value each>)``."""
-    chain_only: bool
-    """One entity's records are found through ``audit_chain`` alone (no ``audit_entity`` or
-    ``audit_moment`` index): pages of one chain go by ``seq`` (:func:`audit_page`) and a moment is found by a
-    binary search over ``seq`` (:func:`seek`). SQLite from schema 3: each of those two indexes
-    cost a random B-tree page in every commit (``docs/performance.md``)."""
 
 
 SQLITE = Dialect(
@@ -161,14 +156,12 @@ SQLITE = Dialect(
     capability="EXISTS (SELECT 1 FROM json_each(e.data, '$.capabilities') WHERE value = ?)",
     id_prefix="substr(e.entity_id, 1, ?) = ?",
     ids_as_array=False,
-    chain_only=True,
 )
 POSTGRES = Dialect(
     ph="%s",
     capability="e.capabilities @> ARRAY[%s]::text[]",
     id_prefix="left(e.entity_id, %s) = %s",
     ids_as_array=True,
-    chain_only=False,
 )
 
 _E_COLUMNS = ", ".join(f"e.{column}" for column in ENTITY_COLUMNS.split(", "))
@@ -314,17 +307,19 @@ def _last_seq(d: Dialect, entity_type: str, entity_id: str, column: str, bound: 
 def audit_page(query: AuditQuery, d: Dialect, columns: str = "body") -> Steps:
     """The page of ``query``: returns ``(sql, params)``, after the steps it needs first (if any).
 
-    A page of one chain (one type, one id) on a :attr:`Dialect.chain_only` dialect goes
-    through ``audit_chain`` alone. Within a chain ``seq`` order is ``id`` order, so the page is
-    ordered by ``seq``; the ``id`` cursor becomes a ``seq`` bound first (one lookup when the
-    cursor is a record of the chain, as a previous page's last record is; a binary search
-    otherwise), so a deep page costs what the first does. The ``id`` condition stays in the
-    SELECT: the bound only makes it cheap. Every other page is :func:`select_audit`'s.
+    A page of one chain (one type, one id) goes through ``audit_chain`` alone: neither store
+    keeps an index on ``(entity_type, entity_id, id)`` or ``(…, recorded_at)`` (each cost every
+    record an index entry and its share of the WAL; ``docs/performance.md``). Within a chain
+    ``seq`` order is ``id`` order, so the page is ordered by ``seq``; the ``id`` cursor becomes
+    a ``seq`` bound first (one lookup when the cursor is a record of the chain, as a previous
+    page's last record is; a binary search otherwise), so a deep page costs what the first does.
+    The ``id`` condition stays in the SELECT: the bound only makes it cheap. Every other page is
+    :func:`select_audit`'s.
     """
     p = d.ph
     entity_type, entity_id = query.entity_type, query.entity_id
     several = query.entity_ids is not None or query.entity_types is not None
-    if not d.chain_only or entity_type is None or entity_id is None or several:
+    if entity_type is None or entity_id is None or several:
         return select_audit(query, d, columns)
     sql = [f"SELECT {columns} FROM audit WHERE entity_type = {p} AND entity_id = {p}"]
     params: list[Any] = [entity_type, entity_id]
@@ -349,8 +344,8 @@ def seek(d: Dialect, entity_type: str, entity_id: str, moment: str) -> Steps:
 
     Every record written since schema 2 keeps, in the ``revision`` column (never in its
     hashed body), the entity's revision after it. So: (1) the last record at or before the
-    moment: one range of ``audit_moment``, or, where the dialect keeps no such index
-    (:attr:`Dialect.chain_only`), a binary search over ``seq`` on ``recorded_at``; its
+    moment: a binary search over ``seq`` on ``recorded_at`` (no index holds a chain by
+    ``recorded_at``); its
     revision is the answer's. (2) Unless that record is itself a transition, the transition
     that produced the revision is the first record carrying it: revisions never decrease along
     ``seq``, so a binary search over ``seq`` (point lookups in ``audit_chain``) finds it in
@@ -362,24 +357,16 @@ def seek(d: Dialect, entity_type: str, entity_id: str, moment: str) -> Steps:
     :func:`~opscore.storage.base.next_entity` stamps a record no earlier than its entity's
     last change, even when the wall clock (or another replica's) is behind. Only a chain
     written before that rule, across a clock that stepped back, can hold a record earlier than
-    its predecessor; there the range takes the record with the latest ``recordedAt`` at or
-    before the moment, the binary search a boundary around the step, the replay the last by
-    ``seq``.
+    its predecessor; there the binary search finds a boundary around the step, and the replay
+    the last record by ``seq``.
     """
     p = d.ph
-    if d.chain_only:
-        last = yield from _last_seq(d, entity_type, entity_id, "recorded_at", moment)
-        row = None
-        if last:
-            row = yield (
-                f"SELECT seq, revision, body FROM audit WHERE entity_type = {p} AND entity_id = {p} AND seq = {p}",
-                (entity_type, entity_id, last),
-            )
-    else:
+    last = yield from _last_seq(d, entity_type, entity_id, "recorded_at", moment)
+    row = None
+    if last:
         row = yield (
-            "SELECT seq, revision, body FROM audit WHERE entity_type = "
-            f"{p} AND entity_id = {p} AND recorded_at <= {p} ORDER BY recorded_at DESC, id DESC LIMIT 1",
-            (entity_type, entity_id, moment),
+            f"SELECT seq, revision, body FROM audit WHERE entity_type = {p} AND entity_id = {p} AND seq = {p}",
+            (entity_type, entity_id, last),
         )
     if row is None:
         return Position(None, 0, None)

@@ -156,7 +156,7 @@ MIGRATIONS: dict[int, list[Migration]] = {
         "CREATE INDEX labels_value ON labels (entity_type, key, value, created_at, entity_id)",
         _backfill_labels,
     ],
-    # 3: one entity's records are read through audit_chain alone (rows.Dialect.chain_only): each
+    # 3: one entity's records are read through audit_chain alone (rows.audit_page, rows.seek): each
     # of these indexes cost a random B-tree page, written to the WAL, in every commit.
     3: [
         "DROP INDEX IF EXISTS audit_entity",

@@ -1,6 +1,7 @@
-"""One entity's chain read through ``audit_chain`` alone (SQLite schema 3), and the clock rule it needs.
+"""One entity's chain read through ``audit_chain`` alone (SQLite schema 3, PostgreSQL 4), and the clock rule it needs.
 
-SQLite keeps no ``audit_entity`` or ``audit_moment`` index from schema 3 on: a page of one
+Neither store keeps an ``audit_entity`` or ``audit_moment`` index (SQLite from schema 3 on,
+PostgreSQL from 4): a page of one
 chain goes by ``seq`` with its ``id`` cursor turned into a ``seq`` bound, and ``?at=`` finds
 its moment by a binary search over ``seq``. Both are exact only because ``id`` and
 ``recordedAt`` never decrease along a chain; these tests hold the pages to what filtering every
@@ -24,6 +25,7 @@ from opscore.storage import Store, open_store
 from opscore.storage import sqlite as sqlite_store
 from opscore.storage.base import next_entity
 from opscore.storage.sqlite import path_from_url
+from tests.conftest import PG_URL
 from tests.storage.conftest import Backend
 from tests.storage.test_contract import draft, moments_of, step
 
@@ -158,3 +160,43 @@ def test_sqlite_schema_3_keeps_only_the_chain_index_per_entity(tmp_path: Path) -
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     conn.close()
     assert sqlite_store.SCHEMA_VERSION == 3
+
+
+def _pg_indexes(url: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        found = "SELECT indexname FROM pg_indexes WHERE tablename = 'audit' AND schemaname = current_schema()"
+        return {str(r[0]) for r in conn.execute(found).fetchall()}
+
+
+@pytest.mark.skipif(not PG_URL, reason="PostgreSQL half skipped: OPSCORE_TEST_DATABASE_URL is not set")
+def test_postgresql_schema_4_keeps_only_the_chain_index_per_entity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new schema and a migrated version-3 one alike; a chain's pages still answer across the migration."""
+    import psycopg
+
+    from opscore.storage import postgres as pg_store
+    from tests.pg import fresh_schema
+
+    kept = {"audit_pkey", "audit_chain", "audit_type", "audit_recorded", "audit_commit"}
+    with fresh_schema(PG_URL) as url:
+        Backend("postgres", url).run(lambda store: step(store, "a"))
+        assert _pg_indexes(url) == kept
+    with fresh_schema(PG_URL) as url:
+        backend = Backend("postgres", url)
+        with monkeypatch.context() as patched:
+            patched.setattr(pg_store, "SCHEMA_VERSION", 3)
+            backend.run(lambda store: step(store, "b"))
+        assert {"audit_entity", "audit_moment"} <= _pg_indexes(url)
+
+        async def write_then_read(store: Store) -> list[Any]:
+            for _ in range(2):
+                await step(store, "b")
+            page = await store.list_audit(AuditQuery(entity_type="agent", entity_id="b", after_id=1))
+            return [r["seq"] for r in page]
+
+        assert backend.run(write_then_read) == [2, 3]
+        assert _pg_indexes(url) == kept
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
+    assert pg_store.SCHEMA_VERSION == 4
