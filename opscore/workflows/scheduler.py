@@ -2,12 +2,14 @@
 
 One asyncio task per process, started in the app's lifespan. Each tick it
 
-- claims due timers from the store (task deadlines, retry backoffs) and hands each to
+- claims due timers from the store (task deadlines, retry backoffs), once a tick however
+  often the loop wakes, and hands each to
   :meth:`Runs.on_timer`, then deletes it; a claim is a lease, so among PostgreSQL replicas one
   process handles a timer, and a process killed mid-handling lets it come back when the lease
   runs out. Timers are rows written with the change that armed them: after ``kill -9`` the
   next process finds exactly the deadlines that were committed;
-- retries tasks ``waiting`` for an agent, at once when an agent became idle, else every
+- retries tasks ``waiting`` for an agent, at once when an agent became idle (agents going idle
+  within ``wake_gap`` s of the last look share the next one), else every
   ``waiting_interval`` s (an agent's capabilities may arrive by webhook, which writes no
   record a listener could see);
 - sends agents silent for ``OPSCORE_AGENT_TIMEOUT_SECONDS`` ``offline`` (actor ``system``);
@@ -42,6 +44,7 @@ class Scheduler:
         liveness_interval: float | None = None,
         recover_interval: float = 30.0,
         purge_interval: float = 3600.0,
+        wake_gap: float = 0.02,
     ) -> None:
         self.runs = runs
         self.agent_timeout = agent_timeout
@@ -51,6 +54,7 @@ class Scheduler:
         self.liveness_interval = liveness_interval or max(0.5, min(agent_timeout / 4, 15.0))
         self.recover_interval = recover_interval
         self.purge_interval = purge_interval
+        self.wake_gap = wake_gap
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -71,15 +75,22 @@ class Scheduler:
         next_waiting = clock + self.waiting_interval
         next_liveness = clock + self.liveness_interval
         next_recover = clock + self.recover_interval
-        next_purge = clock
+        next_purge = next_timers = clock
+        looked = clock - self.wake_gap
         while not self._stop.is_set():
             try:
-                await self._timers()
+                # An agent becoming idle wakes the loop for the waiting tasks, which under a fleet
+                # reporting all the time is as often as reports commit: the looks are spaced by
+                # wake_gap below, and the timers (a write through the store) keep the tick.
+                if time.monotonic() >= next_timers:
+                    await self._timers()
+                    next_timers = time.monotonic() + self.tick
                 clock = time.monotonic()
                 if self.runs.agent_available.is_set() or clock >= next_waiting:
                     self.runs.agent_available.clear()
                     await self.runs.dispatch_waiting()
                     next_waiting = clock + self.waiting_interval
+                    looked = clock
                 if clock >= next_liveness:
                     await self.runs.sweep_liveness(self.agent_timeout)
                     next_liveness = clock + self.liveness_interval
@@ -93,6 +104,9 @@ class Scheduler:
                 raise
             except Exception:
                 log.exception("scheduler tick failed; continuing")
+            gap = looked + self.wake_gap - time.monotonic()
+            if gap > 0:
+                await asyncio.sleep(gap)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.runs.agent_available.wait(), timeout=self.tick)
 
