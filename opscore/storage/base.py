@@ -12,10 +12,9 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
-from opscore import audit
+from opscore import audit, clock
 from opscore.errors import InvalidPosition, RevisionConflict, UnknownEntity
 from opscore.models import AuditQuery, Change, Committed, Entity, EntityQuery, IdempotencyEntry, Position, Timer
 
@@ -28,7 +27,7 @@ IDEMPOTENCY_TTL = 48 * 3600.0
 
 def utc_now() -> str:
     """Now, as the fixed-width UTC ISO-8601 text every stored timestamp uses."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    return clock.now()
 
 
 def later(a: str | None, b: str | None) -> str | None:
