@@ -40,15 +40,24 @@ def _text(micros: int) -> str:
     return f"{cached[1]}.{micro:06d}+00:00"
 
 
+def _micros(ns: int | None = None) -> int:
+    """Now (or ``ns``) in microseconds, rounded to the nearest as ``datetime.now`` rounds.
+
+    Halves go up where datetime's go to even, so this is never behind a ``datetime.now`` read
+    before it (truncating could be: a record stamped a microsecond before the caller's clock).
+    """
+    return ((time.time_ns() if ns is None else ns) + 500) // 1000
+
+
 def now() -> str:
     """Now, as the stored text."""
-    return _text(time.time_ns() // 1000)
+    return _text(_micros())
 
 
 def after(seconds: float) -> str:
     """``seconds`` from now (negative: ago), as the stored text."""
     if -_FAR < seconds < _FAR:
-        return _text(time.time_ns() // 1000 + round(seconds * 1_000_000))
+        return _text(_micros() + round(seconds * 1_000_000))
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="microseconds")
 
 

@@ -83,8 +83,8 @@ class Scheduler:
                 # reporting all the time is as often as reports commit: the looks are spaced by
                 # wake_gap below, and the timers (a write through the store) keep the tick.
                 if time.monotonic() >= next_timers:
+                    next_timers = time.monotonic() + self.tick  # a claim that failed comes back at the tick
                     await self._timers()
-                    next_timers = time.monotonic() + self.tick
                 clock = time.monotonic()
                 if self.runs.agent_available.is_set() or clock >= next_waiting:
                     self.runs.agent_available.clear()

@@ -6,6 +6,7 @@ import random
 import re
 import threading
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 
 import pytest
 
@@ -78,3 +79,11 @@ def test_threads_formatting_at_once_never_pair_one_second_with_anothers_text() -
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.parametrize("ns", [0, 499, 500, 501, 1_499, 1_500, 1_501, 2_500, 1_796_000_000_123_456_789])
+def test_now_rounds_to_the_nearest_microsecond_never_below_datetimes_rounding(ns: int) -> None:
+    """``datetime.now`` rounds half to even; a truncating clock would stamp a record before the caller's read."""
+    micros = clock._micros(ns)
+    assert abs(Fraction(micros) - Fraction(ns, 1000)) <= Fraction(1, 2)
+    assert micros >= round(Fraction(ns, 1000))  # Fraction rounds half to even, as datetime does
