@@ -1,4 +1,4 @@
-"""The scheduler's housekeeping: expired idempotency answers are purged without anyone asking."""
+"""The scheduler's housekeeping: expired idempotency answers are purged, wakes for idle agents are spaced."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_agents_becoming_idle_share_the_looks_for_waiting_tasks_and_timers_keep_
 
     Each agent going idle used to send the loop round at once: a look for waiting tasks and a
     timer claim (a write through the store) for every commit that sent an agent to ``idle``,
-    about one per 18 state reports under ``wrk -c4``, 12 % of the server's CPU.
+    about one per 18 state reports under ``wrk -c4``, 2-3 % of the server's samples.
     """
 
     async def scenario() -> tuple[int, int, float]:
@@ -75,20 +75,23 @@ def test_agents_becoming_idle_share_the_looks_for_waiting_tasks_and_timers_keep_
         return store.claims, store.waiting_lists, elapsed
 
     claims, waiting_lists, elapsed = asyncio.run(scenario())
-    assert 5 <= waiting_lists <= elapsed / 0.05 + 2  # the wakes were heard, a look per gap at most
+    assert 3 <= waiting_lists <= elapsed / 0.05 + 2  # the wakes were heard, a look per gap at most
     assert claims <= elapsed / 0.2 + 2  # the first claim at start, then one a tick at most
 
 
 def test_an_agent_going_idle_after_a_quiet_spell_is_looked_for_at_once() -> None:
-    """The gap spaces looks that follow each other; the first wake after a quiet spell is not delayed."""
+    """The gap spaces looks that follow each other; the first wake after a quiet spell does not wait for it.
+
+    With a gap of 1 s, a loop that slept the gap after every wake would answer after 1 s.
+    """
 
     async def scenario() -> float:
         store = CountingStore()
         runs = Runs(Engine(store), RecordingAgentKit(), default_timeout=60)
-        scheduler = Scheduler(runs, agent_timeout=300, tick=10, wake_gap=0.05)
+        scheduler = Scheduler(runs, agent_timeout=300, tick=10, wake_gap=1.0)
         await scheduler.start()
         try:
-            await asyncio.sleep(0.3)  # past the first look and the gap; the tick is far away
+            await asyncio.sleep(1.2)  # past the first look and the gap; the tick is far away
             before = store.waiting_lists
             runs.agent_available.set()
             woke = time.monotonic()
@@ -98,4 +101,4 @@ def test_an_agent_going_idle_after_a_quiet_spell_is_looked_for_at_once() -> None
         finally:
             await scheduler.stop()
 
-    assert asyncio.run(scenario()) < 0.04
+    assert asyncio.run(scenario()) < 0.5
