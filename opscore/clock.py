@@ -23,13 +23,13 @@ def utc_text(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _text(micros: int) -> str:
+def micros_text(micros: int) -> str:
     """Microseconds since the epoch as the stored text, each second's part formatted once.
 
-    What ``datetime.isoformat(timespec="microseconds")`` gives, for the moments ``now`` and
-    ``after`` make (years 1970-9999), at a quarter of its cost: three of these a transition
-    (the engine's clock, a report's latest allowed time, the store's write time) were 5 % of
-    the state-report path's samples (``docs/performance.md``).
+    What ``datetime.isoformat(timespec="microseconds")`` gives, for years 1970-9999, at a
+    quarter of its cost: three of these a transition (the engine's clock, a report's latest
+    allowed time, the store's write time) were 5 % of the state-report path's samples
+    (``docs/performance.md``), and every log line's ``time`` is one too (``logs.JsonLines``).
     """
     global _second
     second, micro = divmod(micros, 1_000_000)
@@ -51,13 +51,13 @@ def _micros(ns: int | None = None) -> int:
 
 def now() -> str:
     """Now, as the stored text."""
-    return _text(_micros())
+    return micros_text(_micros())
 
 
 def after(seconds: float) -> str:
     """``seconds`` from now (negative: ago), as the stored text."""
     if -_FAR < seconds < _FAR:
-        return _text(_micros() + round(seconds * 1_000_000))
+        return micros_text(_micros() + round(seconds * 1_000_000))
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="microseconds")
 
 

@@ -36,6 +36,7 @@ from typing import IO, Any
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
+from opscore.clock import micros_text
 from opscore.queues import take
 
 LINGER_SECONDS = 0.005
@@ -54,8 +55,6 @@ class JsonLines(JsonFormatter):
     ``record.audit``); both together nearly halve logging's cost per transition.
     ``time`` is ISO-8601 UTC on every line, whichever path formats it.
     """
-
-    _second_text: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         text: str | None = record.__dict__.get("opscore_json")
@@ -85,18 +84,10 @@ class JsonLines(JsonFormatter):
         return encoded
 
     def _time(self, record: logging.LogRecord) -> str:
-        """``record.created`` as ISO-8601 UTC with microseconds; the per-second part computed once.
-
-        The cache is one tuple replaced whole, so threads formatting at once never pair one
-        second's text with another's number.
-        """
+        """``record.created`` as the stored text of time (``clock.micros_text``), microseconds truncated."""
         created = record.created
         second = int(created)
-        cached = self._second_text
-        if cached[0] != second:
-            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-            self._second_text = cached
-        return f"{cached[1]}.{int((created - second) * 1_000_000):06d}+00:00"
+        return micros_text(second * 1_000_000 + int((created - second) * 1_000_000))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
         """Every line's ``time``, fast path or not, in the one format."""
