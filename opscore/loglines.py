@@ -3,7 +3,8 @@
 Every record is logged as ``"message": "transition"`` plus the record's fields. The
 ``LogRecord`` is copied from a template instead of built by ``Logger.makeRecord`` (which
 derives a dozen fields by ``os.path`` calls per line), and the record's JSON text made while
-sealing it is spliced in by ``logs.JsonLines``: the cost is in ``docs/performance.md``.
+sealing it is spliced in by ``logs.JsonLines``; with no other handler or filter to see it, the
+line skips the ``LogRecord`` (``logs.direct``). The cost is in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from opscore import audit
+from opscore import audit, logs
 
 audit_log = logging.getLogger("opscore.audit")
 
@@ -47,4 +48,8 @@ def _line(record: dict[str, Any]) -> logging.LogRecord:
 def transition(record: dict[str, Any]) -> None:
     """Log one committed audit record as one JSON line."""
     if audit_log.isEnabledFor(logging.INFO):
-        audit_log.handle(_line(record))
+        handler = logs.direct(audit_log)
+        if handler is not None:
+            logs.direct_line(handler, audit_log, "transition", audit.text_of(record))
+        else:
+            audit_log.handle(_line(record))
