@@ -123,6 +123,13 @@ class Store(abc.ABC):
     """A backend. All methods are coroutines and never block the event loop."""
 
     backend: str = "abstract"
+    sole_writer: bool = False
+    """Whether this process is the only one that writes to the store (SQLite's file lock, memory).
+
+    Then what the process committed is all there is, and it may remember facts about the
+    store between reads (``workflows.shared.Shared.none_waiting``); among PostgreSQL
+    replicas it may not.
+    """
 
     async def open(self) -> None:
         """Connect, create or migrate the schema; refuse an unknown newer schema."""

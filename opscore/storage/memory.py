@@ -35,6 +35,7 @@ def matches(record: dict[str, Any], query: AuditQuery) -> bool:
 
 class MemoryStore(Store):
     backend = "memory"
+    sole_writer = True
 
     def __init__(self) -> None:
         self.entities: dict[tuple[str, str], Entity] = {}

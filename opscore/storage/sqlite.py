@@ -436,6 +436,7 @@ def _is_plain(change: Change) -> bool:
 
 class SQLiteStore(Store):
     backend = "sqlite"
+    sole_writer = True  # the file lock (_open_sync) admits one serving process
 
     def __init__(self, path: str, *, max_batch: int = 512, cache_size: int = 250_000, readonly: bool = False) -> None:
         self.path = path

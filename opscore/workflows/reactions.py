@@ -75,9 +75,14 @@ class Reactions:
         fleet are about agents outside any workflow. A claim is committed before its
         dispatch, and so before any report the dispatch can cause.
         """
-        if record.get("entityType") != AGENT or record.get("outcome") != "applied":
+        if record.get("outcome") != "applied":
             return
-        if record.get("dest") == "idle":
+        if record.get("entityType") != AGENT:
+            if record.get("dest") == "waiting" and record.get("entityType") == TASK:
+                self.shared.went_waiting += 1
+                self.shared.none_waiting = False
+            return
+        if record.get("dest") == "idle" and not self.shared.none_waiting:
             self.shared.agent_available.set()  # also when an idle agent's capabilities changed
         if not is_transition(record) or AgentClaim.of(entity) is None:
             return

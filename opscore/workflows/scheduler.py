@@ -9,7 +9,8 @@ One asyncio task per process, started in the app's lifespan. Each tick it
   runs out. Timers are rows written with the change that armed them: after ``kill -9`` the
   next process finds exactly the deadlines that were committed;
 - retries tasks ``waiting`` for an agent, at once when an agent became idle (agents going idle
-  within ``wake_gap`` s of the last look share the next one), else every
+  within ``wake_gap`` s of the last look share the next one; with the store's only writer, a
+  look that found none stops the wakes until a task goes ``waiting``), else every
   ``waiting_interval`` s (an agent's capabilities may arrive by webhook, which writes no
   record a listener could see);
 - sends agents silent for ``OPSCORE_AGENT_TIMEOUT_SECONDS`` ``offline`` (actor ``system``);

@@ -40,6 +40,15 @@ class Shared:
         """Names this process's claims on agents (:mod:`opscore.workflows.claims`)."""
         self.agent_available = asyncio.Event()
         """Set when an agent became idle: the scheduler then retries waiting tasks at once."""
+        self.none_waiting = False
+        """No task is ``waiting``: known only when this process is the store's only writer.
+
+        Set by a look that found none (``Sweeps.dispatch_waiting``), cleared by any task this
+        process sends to ``waiting`` (``Reactions.listener``). While it holds, agents going
+        idle do not wake the scheduler: a fleet reporting without workflows costs it nothing.
+        """
+        self.went_waiting = 0
+        """Tasks this process sent to ``waiting`` so far (a look that raced one leaves ``none_waiting`` alone)."""
         self.background: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -43,7 +43,12 @@ class Sweeps:
         needing the same are skipped for this sweep: a sweep costs O(free agents), not
         O(waiting tasks x agents), which is what keeps a backlog from eating the CPU.
         """
+        went_waiting = self.shared.went_waiting
         waiting: list[Entity] = [task async for task in self.shared.every(EntityQuery(TASK, state="waiting"))]
+        if not waiting and self.store.sole_writer and went_waiting == self.shared.went_waiting:
+            # None, and none went waiting while we looked (one committed after the read moves
+            # went_waiting before or after this line, and clears the flag either way).
+            self.shared.none_waiting = True
         waiting.sort(key=lambda t: (TaskData.of(t).waiting_since or "", t.entity_id))
         exhausted: set[str] = set()
         for task in waiting:

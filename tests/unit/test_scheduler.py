@@ -1,15 +1,16 @@
-"""The scheduler's housekeeping: expired idempotency answers are purged, wakes for idle agents are spaced."""
+"""The scheduler's housekeeping: expired idempotency answers are purged, wakes for idle agents are spaced and gated."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from opscore.engine import Engine
+from opscore.engine import Context, Engine
 from opscore.models import Change, Entity, EntityQuery, IdempotencyEntry, Timer
 from opscore.storage.memory import MemoryStore
 from opscore.workflows.runs import Runs
 from opscore.workflows.scheduler import Scheduler
+from opscore.workflows.shared import Shared
 from tests.unit.test_workflow_races import RecordingAgentKit
 
 
@@ -102,3 +103,90 @@ def test_an_agent_going_idle_after_a_quiet_spell_is_looked_for_at_once() -> None
             await scheduler.stop()
 
     assert asyncio.run(scenario()) < 0.5
+
+
+def test_agents_going_idle_wake_the_scheduler_only_while_a_task_may_be_waiting() -> None:
+    """With the store's only writer, a look that found no waiting task stops idle agents from waking the loop.
+
+    A fleet reporting without workflows then costs the scheduler nothing per report; a task
+    this process sends to ``waiting`` makes the next idle agent wake it again at once (the
+    periodic look is 30 s away here, so only the wake can explain the second look).
+    """
+
+    async def scenario() -> tuple[list[int], list[bool]]:
+        store = CountingStore()
+        engine = Engine(store)
+        runs = Runs(engine, RecordingAgentKit(), default_timeout=60)
+        engine.listeners.append(runs.listener)
+        scheduler = Scheduler(runs, agent_timeout=300, tick=10, waiting_interval=30, wake_gap=0.01)
+        ctx = Context(actor="key:test", request_id="t")
+        looks: list[int] = []
+        woken: list[bool] = []
+
+        async def report(state: str) -> None:
+            await engine.report("agent", "a1", state, ctx=ctx, details={}, create=Entity("agent", "a1", "registered"))
+
+        async def settle() -> None:
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+                if not runs.agent_available.is_set():
+                    break
+            await asyncio.sleep(0.05)
+
+        await scheduler.start()
+        try:
+            await report("idle")  # the first idle agent wakes the loop: nothing is known yet
+            await settle()
+            looks.append(store.waiting_lists)
+            for _ in range(10):
+                await report("active")
+                await report("idle")
+                woken.append(runs.agent_available.is_set())
+            await settle()
+            looks.append(store.waiting_lists)
+            await engine.report("task", "t1", "waiting", ctx=ctx, details={}, create=Entity("task", "t1", "pending"))
+            await report("active")
+            await report("idle")
+            woken.append(runs.agent_available.is_set())
+            await settle()
+            looks.append(store.waiting_lists)
+        finally:
+            await scheduler.stop()
+        return looks, woken
+
+    looks, woken = asyncio.run(scenario())
+    assert looks[0] == 1 and looks[1] == 1, looks  # ten agents went idle after the look that found none
+    assert woken[:10] == [False] * 10
+    assert woken[10] is True and looks[2] == 2, (looks, woken)  # the task went waiting: the next idle agent woke it
+
+
+class RacingStore(CountingStore):
+    """A look for waiting tasks during which this process sends a task to ``waiting`` (its listener runs meanwhile)."""
+
+    shared: Shared | None = None
+
+    async def list_entities(self, query: EntityQuery) -> list[Entity]:
+        page = await super().list_entities(query)
+        if query.entity_type == "task" and query.state == "waiting" and self.shared is not None:
+            self.shared.went_waiting += 1  # as Reactions.listener does for a commit the read missed
+            self.shared.none_waiting = False
+        return page
+
+
+class SharedStore(CountingStore):
+    """A store other processes write to as well (PostgreSQL replicas)."""
+
+    sole_writer = False
+
+
+def test_a_look_that_raced_a_task_going_waiting_or_a_shared_store_keeps_the_wakes() -> None:
+    async def none_waiting(store: CountingStore) -> bool:
+        runs = Runs(Engine(store), RecordingAgentKit(), default_timeout=60)
+        if isinstance(store, RacingStore):
+            store.shared = runs.shared
+        await runs.dispatch_waiting()
+        return runs.shared.none_waiting
+
+    assert asyncio.run(none_waiting(CountingStore())) is True
+    assert asyncio.run(none_waiting(RacingStore())) is False
+    assert asyncio.run(none_waiting(SharedStore())) is False
