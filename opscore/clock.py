@@ -14,8 +14,10 @@ from opscore.errors import InvalidTimestamp
 _FAR = 100 * 365 * 86400.0
 """Offsets within this many seconds of now take the fast path of :func:`after`; the rest, datetime's."""
 
-_second: tuple[int, str] = (-1, "")
-"""The last whole second formatted, and its text (one tuple, replaced whole: threads share it)."""
+_seconds: dict[int, str] = {}
+"""Whole seconds formatted lately, and their text (a few: a transition reads now and now plus the skew allowed)."""
+
+_SECONDS_KEPT = 16
 
 
 def utc_text(moment: datetime) -> str:
@@ -31,13 +33,13 @@ def micros_text(micros: int) -> str:
     allowed time, the store's write time) were 5 % of the state-report path's samples
     (``docs/performance.md``), and every log line's ``time`` is one too (``logs.JsonLines``).
     """
-    global _second
     second, micro = divmod(micros, 1_000_000)
-    cached = _second
-    if cached[0] != second:
-        cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        _second = cached
-    return f"{cached[1]}.{micro:06d}+00:00"
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) >= _SECONDS_KEPT:
+            _seconds.clear()  # threads share the dict: a reader that misses formats its second again
+        text = _seconds[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{text}.{micro:06d}+00:00"
 
 
 def _micros(ns: int | None = None) -> int:

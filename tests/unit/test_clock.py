@@ -87,3 +87,22 @@ def test_now_rounds_to_the_nearest_microsecond_never_below_datetimes_rounding(ns
     micros = clock._micros(ns)
     assert abs(Fraction(micros) - Fraction(ns, 1000)) <= Fraction(1, 2)
     assert micros >= round(Fraction(ns, 1000))  # Fraction rounds half to even, as datetime does
+
+
+def test_now_and_now_plus_the_allowed_skew_are_each_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transition reads now and a time minutes ahead (the newest report time allowed): two seconds, both kept.
+
+    One second kept made every transition format both seconds again.
+    """
+    formatted: list[float] = []
+    strftime = clock.time.strftime
+
+    def counting(fmt: str, moment: clock.time.struct_time) -> str:
+        formatted.append(clock.time.mktime(moment))
+        return strftime(fmt, moment)
+
+    monkeypatch.setattr(clock.time, "strftime", counting)
+    base = 1_796_000_000_000_000
+    texts = [clock.micros_text(base + n + (300_000_000 if n % 2 else 0)) for n in range(1000)]
+    assert texts == [_datetime_text(base + n + (300_000_000 if n % 2 else 0)) for n in range(1000)]
+    assert len(formatted) <= 2
