@@ -47,9 +47,5 @@ def _line(record: dict[str, Any]) -> logging.LogRecord:
 
 def transition(record: dict[str, Any]) -> None:
     """Log one committed audit record as one JSON line."""
-    if audit_log.isEnabledFor(logging.INFO):
-        handler = logs.direct(audit_log)
-        if handler is not None:
-            logs.direct_line(handler, audit_log, "transition", audit.text_of(record))
-        else:
-            audit_log.handle(_line(record))
+    if audit_log.isEnabledFor(logging.INFO) and not logs.direct_line(audit_log, "transition", audit.text_of(record)):
+        audit_log.handle(_line(record))

@@ -158,8 +158,14 @@ def direct(logger: logging.Logger) -> BackgroundHandler | None:
 _heads: dict[tuple[str, str], str] = {}
 
 
-def direct_line(handler: BackgroundHandler, logger: logging.Logger, message: str, text: str) -> None:
-    """Queue ``logger.info(message, extra={"opscore_json": text})``'s line on ``handler`` (see :func:`direct`)."""
+def direct_line(logger: logging.Logger, message: str, text: str) -> bool:
+    """Queue the line of ``logger.info(message, extra={"opscore_json": text})`` as text, if :func:`direct` allows.
+
+    ``False`` when it does not: the caller logs the record through ``logging`` instead.
+    """
+    handler = direct(logger)
+    if handler is None:
+        return False
     head = _heads.get((logger.name, message))
     if head is None:  # the fields JsonLines.format writes after the time, for this logger and message
         level = logging.getLevelName(logging.INFO)
@@ -167,6 +173,7 @@ def direct_line(handler: BackgroundHandler, logger: logging.Logger, message: str
             f'","level":"{level}","logger":"{logger.name}","message":{json.dumps(message, ensure_ascii=False)},'
         )
     handler.put_line('{"time":"' + micros_text(time.time_ns() // 1000) + head + text[1:])
+    return True
 
 
 access_log = logging.getLogger("opscore.access")
@@ -210,10 +217,7 @@ def access_line(
         f'"status":{status},"durationMs":{seconds * 1000:.3f},"requestId":"{request_id}"{client},'
         f'"keyName":{"null" if key_name is None else _json_text(key_name)}}}'
     )
-    handler = direct(access_log)
-    if handler is not None:
-        direct_line(handler, access_log, "request", text)
-    else:
+    if not direct_line(access_log, "request", text):
         access_log.handle(_access_record(text))
 
 
