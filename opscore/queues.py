@@ -2,7 +2,8 @@
 
 The SQLite writer thread and the log writer thread both turn a stream of items into batches
 (one transaction, one ``write``) this way, and both are told to stop by a ``None`` queued
-after the last item. :func:`take` is that loop, once.
+after the last item. :func:`take` is that loop, once; :func:`drain` is its second half, for a
+thread woken by something other than the queue itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ def take(items: queue.SimpleQueue[T | None], limit: int | None = None) -> tuple[
     first = items.get()
     if first is None:
         return [], True
-    batch = [first]
+    return drain(items, limit, [first])
+
+
+def drain(
+    items: queue.SimpleQueue[T | None], limit: int | None = None, batch: list[T] | None = None
+) -> tuple[list[T], bool]:
+    """What is queued, without waiting (appended to ``batch``, up to ``limit`` in all); stopped as :func:`take` says."""
+    batch = [] if batch is None else batch
     while limit is None or len(batch) < limit:
         try:
             nxt = items.get_nowait()

@@ -6,6 +6,12 @@ batch. A future is resolved only after that transaction committed, so an acknowl
 is durable. The writer knows nothing of entities or SQL: the store gives it a factory of
 :class:`Transaction` objects (begin, savepoints, commit, abort) and jobs that take one.
 
+The thread is woken once per pass of the event loop, not once per job: a job is queued at
+once, and the first of a pass schedules (``call_soon``) one wake-up, run after the callbacks
+that were ready with it. Woken by the first job, the thread used to wake while the loop still
+held the GIL for the rest of its pass, wait for it, and wake again: a context switch and a
+futex round trip more per batch, about a tenth of a state report's CPU (docs/performance.md).
+
 How a job is isolated from the others in its batch is its :class:`Mode`. What fails the
 transaction as a whole (the COMMIT itself, a row refused when written at the end) names no
 culprit, so the batch is rolled back and each job runs again in a transaction of its own:
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from opscore.errors import StorageError
-from opscore.queues import take
+from opscore.queues import drain
 
 log = logging.getLogger("opscore.storage")
 
@@ -135,6 +141,10 @@ class GroupCommitWriter(Generic[TxT]):
         self.max_batch = max_batch
         self.name = name
         self._jobs: queue.SimpleQueue[_Queued[TxT] | None] = queue.SimpleQueue()
+        self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        """One token per wake-up: the thread blocks here, never on ``_jobs``."""
+        self._wake_due = False
+        """A wake-up is scheduled on the loop and has not run yet (touched on the loop only)."""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
@@ -158,6 +168,7 @@ class GroupCommitWriter(Generic[TxT]):
         """Run what is queued, then end the thread (blocking: call it from a worker thread)."""
         if self._thread is not None:
             self._jobs.put(None)
+            self._wakes.put(True)
             self._thread.join()
             self._thread = None
 
@@ -170,7 +181,15 @@ class GroupCommitWriter(Generic[TxT]):
             raise StorageError(f"the {self.name} store is not open for writing")
         future: asyncio.Future[R] = loop.create_future()
         self._jobs.put((Job(run, mode), future))
+        if not self._wake_due:
+            self._wake_due = True
+            loop.call_soon(self._wake)
         return future
+
+    def _wake(self) -> None:
+        """On the loop, after the callbacks that were ready with the pass's first job: wake the thread once for all."""
+        self._wake_due = False
+        self._wakes.put(True)
 
     def submit_many(self, run: Callable[[TxT, I], R], items: Sequence[I]) -> asyncio.Future[list[R | Exception]]:
         """Queue the plain ``items`` as one job (:class:`Many`): one future, one answer per item."""
@@ -179,12 +198,19 @@ class GroupCommitWriter(Generic[TxT]):
     # -- the thread -----------------------------------------------------------------------
 
     def _main(self) -> None:
+        wakes, jobs = self._wakes, self._jobs
         while True:
-            batch, stop = take(self._jobs, self.max_batch)
-            if batch:
-                self._run_batch(batch)
-            if stop:
-                return
+            wakes.get()
+            for _ in range(wakes.qsize()):  # their jobs were queued before them: the drains below take them
+                wakes.get_nowait()
+            while True:
+                batch, stop = drain(jobs, self.max_batch)
+                if batch:
+                    self._run_batch(batch)
+                if stop:
+                    return
+                if len(batch) < self.max_batch:
+                    break
 
     def _run_batch(self, batch: list[_Queued[TxT]]) -> None:
         """The batch in one transaction; if that fails as a whole, each job in a transaction of its own."""

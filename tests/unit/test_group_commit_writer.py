@@ -80,6 +80,14 @@ async def held_batch(writer: GroupCommitWriter[FakeTx], submit: Any) -> list[Any
     return list(await asyncio.gather(*futures, return_exceptions=True))
 
 
+async def stopped(writer: GroupCommitWriter[FakeTx]) -> None:
+    """Stop the writer, failing (not hanging) if its thread does not end."""
+    stopping = threading.Thread(target=writer.stop, daemon=True)
+    stopping.start()
+    await asyncio.to_thread(stopping.join, 10)
+    assert not stopping.is_alive(), "the writer thread did not stop"
+
+
 def test_jobs_share_one_transaction_and_only_writers_of_their_own_get_a_savepoint() -> None:
     log: list[Any] = []
 
@@ -98,7 +106,7 @@ def test_jobs_share_one_transaction_and_only_writers_of_their_own_get_a_savepoin
                 ],
             )
         finally:
-            await asyncio.to_thread(writer.stop)
+            await stopped(writer)
 
     results = asyncio.run(scenario())
     assert results[:2] == ["plain", "saved"]
@@ -148,7 +156,7 @@ def test_a_transaction_that_fails_as_a_whole_is_retried_job_by_job_and_item_by_i
             )
             return results, writer.batches
         finally:
-            await asyncio.to_thread(writer.stop)
+            await stopped(writer)
 
     results, batches = asyncio.run(scenario())
     assert results[0] == "a"
@@ -170,3 +178,63 @@ def test_submitting_before_start_is_refused() -> None:
             writer.submit(job("x", []), Mode.PLAIN)
 
     asyncio.run(scenario())
+
+
+def test_the_thread_is_woken_once_the_loop_has_run_what_was_ready_not_by_each_job() -> None:
+    """A job waits for the end of the loop's pass: the loop busy (GIL released) does not let it run."""
+    ran = threading.Event()
+
+    async def scenario() -> tuple[bool, str, int]:
+        writer = GroupCommitWriter(lambda writes: FakeTx([], writes), max_batch=100, name="Test")
+        writer.start()
+        try:
+
+            def run(tx: FakeTx) -> str:
+                ran.set()
+                return "ran"
+
+            future = writer.submit(run, Mode.PLAIN)
+            others = [writer.submit(job(f"j{n}", []), Mode.PLAIN) for n in range(4)]
+            early = ran.wait(0.2)  # blocks the loop's thread, GIL released: the writer could run now
+            result = await asyncio.wait_for(future, 10)
+            await asyncio.gather(*others)
+            return early, result, writer.batches
+        finally:
+            await stopped(writer)
+
+    early, result, batches = asyncio.run(scenario())
+    assert not early
+    assert result == "ran"
+    assert batches == 1  # the pass's five jobs, one wake-up, one transaction
+
+
+def test_a_full_batch_is_followed_by_the_rest_without_another_wake_up() -> None:
+    log: list[Any] = []
+
+    async def scenario() -> tuple[list[Any], int]:
+        writer = GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=2, name="Test")
+        writer.start()
+        try:
+            futures = [writer.submit(job(f"j{n}", log), Mode.PLAIN) for n in range(5)]
+            return list(await asyncio.wait_for(asyncio.gather(*futures), 10)), writer.batches
+        finally:
+            await stopped(writer)
+
+    results, batches = asyncio.run(scenario())
+    assert results == [f"j{n}" for n in range(5)]
+    assert batches == 3
+    assert log.count("commit") == 3
+
+
+def test_stop_runs_the_jobs_queued_before_it_even_if_their_wake_up_has_not_run() -> None:
+    async def scenario() -> str:
+        writer = GroupCommitWriter(lambda writes: FakeTx([], writes), max_batch=100, name="Test")
+        writer.start()
+        future = writer.submit(job("last", []), Mode.PLAIN)
+        stopping = threading.Thread(target=writer.stop, daemon=True)
+        stopping.start()
+        stopping.join(10)  # the loop's thread blocked: the scheduled wake-up cannot run
+        assert not stopping.is_alive()
+        return await asyncio.wait_for(future, 10)
+
+    assert asyncio.run(scenario()) == "last"

@@ -1,10 +1,10 @@
-"""``opscore.queues.take``: the batching loop of the SQLite writer thread and the log writer thread."""
+"""``opscore.queues.take`` and ``drain``: the batching loop of the SQLite writer thread and the log writer thread."""
 
 from __future__ import annotations
 
 import queue
 
-from opscore.queues import take
+from opscore.queues import drain, take
 
 
 def queued(*items: int | None) -> queue.SimpleQueue[int | None]:
@@ -32,3 +32,11 @@ def test_returns_what_was_waiting_without_waiting_for_more() -> None:
 
 def test_the_marker_alone_is_an_empty_batch_and_stop() -> None:
     assert take(queued(None, 1)) == ([], True)
+
+
+def test_drain_takes_what_is_waiting_without_blocking() -> None:
+    assert drain(queued()) == ([], False)
+    q = queued(1, 2, 3, None, 4)
+    assert drain(q, limit=2) == ([1, 2], False)
+    assert drain(q, batch=[0]) == ([0, 3], True)
+    assert q.get_nowait() == 4
