@@ -148,7 +148,7 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
     answers: list[Answer] = []
     ready: list[tuple[float, int, dict[str, Any]]] = []
     lock = threading.Lock()
-    phase = {"stop": False, "resumed_at": None}
+    phase: dict[str, Any] = {"stop": False, "cut_at": None, "resumed_at": None}
 
     def reporter(n: int) -> None:
         agent, states, i = f"fo-{n}", ["idle", "active"], 0
@@ -165,6 +165,32 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
                 if answer.status_code >= 500:
                     time.sleep(0.05)
 
+    late: list[Answer] = []
+
+    def late_reporter() -> None:
+        """New agents, one report each, sent only while the database is away.
+
+        The reporters above may all be waiting, for the whole outage, on changes they sent just
+        before the cut (a COMMIT cut is settled once the database is back, and what was queued
+        behind it waits too). A new agent is in no cache: its report must ask the database,
+        and the outage answers it.
+        """
+        n = 0
+        with server.client() as client:
+            while not phase["stop"] and phase["resumed_at"] is None:
+                if phase["cut_at"] is None:
+                    time.sleep(0.01)
+                    continue
+                agent = f"fo-late-{n}"
+                n += 1
+                answer = report(client, agent, "idle", datetime.now(UTC))
+                with lock:
+                    late.append(
+                        Answer(agent, "idle", answer.status_code, answer.json(), answer.headers["x-request-id"],
+                               time.monotonic())
+                    )  # fmt: skip
+                time.sleep(0.1)
+
     def prober() -> None:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             while not phase["stop"]:
@@ -173,15 +199,17 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
                     ready.append((time.monotonic(), answer.status_code, answer.json()))
                 time.sleep(0.1)
 
-    with ThreadPoolExecutor(agents + 1) as pool:
-        futures = [pool.submit(reporter, n) for n in range(agents)] + [pool.submit(prober)]
+    with ThreadPoolExecutor(agents + 2) as pool:
+        futures = [pool.submit(reporter, n) for n in range(agents)] + [pool.submit(prober), pool.submit(late_reporter)]
         try:
             time.sleep(1.5)  # load on a healthy database first
             cut_at = time.monotonic()
             assert proxy.cut() > 0  # the server's pooled connections were open, and are gone
+            phase["cut_at"] = cut_at
             time.sleep(4.0)  # the outage: connecting is refused
             proxy.resume()
             resumed_at = time.monotonic()
+            phase["resumed_at"] = resumed_at
             # every agent succeeds again, without restarting Ops-Core (a generous bound, not a timing)
             deadline = resumed_at + 30
             while time.monotonic() < deadline:
@@ -208,9 +236,12 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
         f"{None if first_ok is None else round(first_ok - resumed_at, 2)} s; "
         f"/ready: {dict(Counter(s for _, s, _ in ready))}; proxy connections: {proxy.connections}"
     )
+    late_during = [a for a in late if a.at < resumed_at]
+    print(f"new agents during the outage: {dict(Counter((a.status, a.body.get('code')) for a in late))}")
     assert set(statuses) <= {200, 503}, statuses  # never a 500
     assert set(codes) <= {"unavailable", "commit_outcome_unknown"}, codes
-    assert any(a.status == 503 for a in during), "no report saw the outage"
+    assert any(a.status == 503 for a in during + late_during), "no report saw the outage"
+    assert all(a.status in (200, 503) for a in late), late
     assert {a.agent for a in after if a.status == 200} == {f"fo-{n}" for n in range(agents)}
     assert any(status == 503 and body["code"] == "storage_not_writable" for t, status, body in ready
                if cut_at < t < resumed_at)  # fmt: skip
@@ -223,6 +254,9 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
             records = assert_consistent(client, f"fo-{n}")  # seq gap-free, revision = applied, all verify
             for record in records:
                 applied_by_request[record["requestId"]] = record
+        for a in late:  # a new agent answered 503 unavailable was never created
+            if a.status == 503 and a.body["code"] == "unavailable":
+                assert client.get(f"/v1/opscore/agent/{a.agent}").status_code == 404, a
     told: Counter[str] = Counter()
     for a in answers:
         record = applied_by_request.get(a.request_id)
