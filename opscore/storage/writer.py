@@ -161,6 +161,7 @@ class GroupCommitWriter(Generic[TxT]):
     def start(self) -> None:
         """Start the thread; the caller's running event loop is where futures are answered."""
         self._loop = asyncio.get_running_loop()
+        self._wake_due = False  # a wake-up left scheduled on a loop that is gone will never run
         self._thread = threading.Thread(target=self._main, name=f"opscore-{self.name.lower()}-writer", daemon=True)
         self._thread.start()
 
