@@ -238,3 +238,29 @@ def test_stop_runs_the_jobs_queued_before_it_even_if_their_wake_up_has_not_run()
         return await asyncio.wait_for(future, 10)
 
     assert asyncio.run(scenario()) == "last"
+
+
+def test_a_writer_started_again_on_another_loop_is_woken_there() -> None:
+    """A wake-up left scheduled on a loop that closed before running it does not silence the next loop."""
+    writer = GroupCommitWriter(lambda writes: FakeTx([], writes), max_batch=100, name="Test")
+    first = asyncio.new_event_loop()
+
+    async def start_and_leave() -> None:
+        writer.start()
+        writer.submit(job("left", []), Mode.PLAIN)  # its wake-up is scheduled, and never runs
+        first.stop()  # the loop ends this pass, before the callbacks scheduled in it
+        await asyncio.sleep(10)
+
+    with pytest.raises(RuntimeError, match="stopped before Future completed"):
+        first.run_until_complete(start_and_leave())
+    writer.stop()  # runs "left" through stop()'s own wake-up
+    first.close()
+
+    async def again() -> str:
+        writer.start()
+        try:
+            return await asyncio.wait_for(writer.submit(job("again", []), Mode.PLAIN), 5)
+        finally:
+            await stopped(writer)
+
+    assert asyncio.run(again()) == "again"
