@@ -9,7 +9,9 @@ whole is retried job by job (and a Many item by item) so that only the culprit f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -80,21 +82,39 @@ async def held_batch(writer: GroupCommitWriter[FakeTx], submit: Any) -> list[Any
     return list(await asyncio.gather(*futures, return_exceptions=True))
 
 
-async def stopped(writer: GroupCommitWriter[FakeTx]) -> None:
-    """Stop the writer, failing (not hanging) if its thread does not end."""
+def stop_within(writer: GroupCommitWriter[FakeTx], seconds: float = 10) -> None:
+    """Stop the writer from another thread, failing (not hanging) if its thread does not end."""
     stopping = threading.Thread(target=writer.stop, daemon=True)
     stopping.start()
-    await asyncio.to_thread(stopping.join, 10)
+    stopping.join(seconds)
     assert not stopping.is_alive(), "the writer thread did not stop"
+
+
+async def stopped(writer: GroupCommitWriter[FakeTx]) -> None:
+    """:func:`stop_within` off the loop's thread, so the loop keeps running meanwhile."""
+    await asyncio.to_thread(stop_within, writer)
+
+
+def writer_of(log: list[Any], max_batch: int = 100) -> GroupCommitWriter[FakeTx]:
+    """A writer whose transactions record their calls in ``log``."""
+    return GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=max_batch, name="Test")
+
+
+@contextlib.asynccontextmanager
+async def running(writer: GroupCommitWriter[FakeTx]) -> AsyncIterator[GroupCommitWriter[FakeTx]]:
+    """``writer`` started on the running loop, and :func:`stopped` when the block ends."""
+    writer.start()
+    try:
+        yield writer
+    finally:
+        await stopped(writer)
 
 
 def test_jobs_share_one_transaction_and_only_writers_of_their_own_get_a_savepoint() -> None:
     log: list[Any] = []
 
     async def scenario() -> list[Any]:
-        writer = GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=100, name="Test")
-        writer.start()
-        try:
+        async with running(writer_of(log)) as writer:
             return await held_batch(
                 writer,
                 lambda: [
@@ -105,8 +125,6 @@ def test_jobs_share_one_transaction_and_only_writers_of_their_own_get_a_savepoin
                     writer.submit_many(job_of_item(log), ["m1", "refuse-m2", "m3"]),
                 ],
             )
-        finally:
-            await stopped(writer)
 
     results = asyncio.run(scenario())
     assert results[:2] == ["plain", "saved"]
@@ -143,9 +161,7 @@ def test_a_transaction_that_fails_as_a_whole_is_retried_job_by_job_and_item_by_i
     log: list[Any] = []
 
     async def scenario() -> tuple[list[Any], int]:
-        writer = GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=100, name="Test")
-        writer.start()
-        try:
+        async with running(writer_of(log)) as writer:
             results = await held_batch(
                 writer,
                 lambda: [
@@ -155,8 +171,6 @@ def test_a_transaction_that_fails_as_a_whole_is_retried_job_by_job_and_item_by_i
                 ],
             )
             return results, writer.batches
-        finally:
-            await stopped(writer)
 
     results, batches = asyncio.run(scenario())
     assert results[0] == "a"
@@ -173,7 +187,7 @@ def test_a_transaction_that_fails_as_a_whole_is_retried_job_by_job_and_item_by_i
 
 def test_submitting_before_start_is_refused() -> None:
     async def scenario() -> None:
-        writer: GroupCommitWriter[FakeTx] = GroupCommitWriter(lambda w: FakeTx([], w), max_batch=1, name="Test")
+        writer = writer_of([], max_batch=1)
         with pytest.raises(StorageError, match="not open for writing"):
             writer.submit(job("x", []), Mode.PLAIN)
 
@@ -185,9 +199,7 @@ def test_the_thread_is_woken_once_the_loop_has_run_what_was_ready_not_by_each_jo
     ran = threading.Event()
 
     async def scenario() -> tuple[bool, str, int]:
-        writer = GroupCommitWriter(lambda writes: FakeTx([], writes), max_batch=100, name="Test")
-        writer.start()
-        try:
+        async with running(writer_of([])) as writer:
 
             def run(tx: FakeTx) -> str:
                 ran.set()
@@ -199,8 +211,6 @@ def test_the_thread_is_woken_once_the_loop_has_run_what_was_ready_not_by_each_jo
             result = await asyncio.wait_for(future, 10)
             await asyncio.gather(*others)
             return early, result, writer.batches
-        finally:
-            await stopped(writer)
 
     early, result, batches = asyncio.run(scenario())
     assert not early
@@ -212,13 +222,9 @@ def test_a_full_batch_is_followed_by_the_rest_without_another_wake_up() -> None:
     log: list[Any] = []
 
     async def scenario() -> tuple[list[Any], int]:
-        writer = GroupCommitWriter(lambda writes: FakeTx(log, writes), max_batch=2, name="Test")
-        writer.start()
-        try:
+        async with running(writer_of(log, max_batch=2)) as writer:
             futures = [writer.submit(job(f"j{n}", log), Mode.PLAIN) for n in range(5)]
             return list(await asyncio.wait_for(asyncio.gather(*futures), 10)), writer.batches
-        finally:
-            await stopped(writer)
 
     results, batches = asyncio.run(scenario())
     assert results == [f"j{n}" for n in range(5)]
@@ -228,13 +234,10 @@ def test_a_full_batch_is_followed_by_the_rest_without_another_wake_up() -> None:
 
 def test_stop_runs_the_jobs_queued_before_it_even_if_their_wake_up_has_not_run() -> None:
     async def scenario() -> str:
-        writer = GroupCommitWriter(lambda writes: FakeTx([], writes), max_batch=100, name="Test")
+        writer = writer_of([])
         writer.start()
         future = writer.submit(job("last", []), Mode.PLAIN)
-        stopping = threading.Thread(target=writer.stop, daemon=True)
-        stopping.start()
-        stopping.join(10)  # the loop's thread blocked: the scheduled wake-up cannot run
-        assert not stopping.is_alive()
+        stop_within(writer)  # on the loop's thread, blocked: the scheduled wake-up cannot run
         return await asyncio.wait_for(future, 10)
 
     assert asyncio.run(scenario()) == "last"
@@ -242,7 +245,7 @@ def test_stop_runs_the_jobs_queued_before_it_even_if_their_wake_up_has_not_run()
 
 def test_a_writer_started_again_on_another_loop_is_woken_there() -> None:
     """A wake-up left scheduled on a loop that closed before running it does not silence the next loop."""
-    writer = GroupCommitWriter(lambda writes: FakeTx([], writes), max_batch=100, name="Test")
+    writer = writer_of([])
     first = asyncio.new_event_loop()
 
     async def start_and_leave() -> None:
@@ -253,14 +256,11 @@ def test_a_writer_started_again_on_another_loop_is_woken_there() -> None:
 
     with pytest.raises(RuntimeError, match="stopped before Future completed"):
         first.run_until_complete(start_and_leave())
-    writer.stop()  # runs "left" through stop()'s own wake-up
+    stop_within(writer)  # runs "left" through stop()'s own wake-up
     first.close()
 
     async def again() -> str:
-        writer.start()
-        try:
+        async with running(writer):
             return await asyncio.wait_for(writer.submit(job("again", []), Mode.PLAIN), 5)
-        finally:
-            await stopped(writer)
 
     assert asyncio.run(again()) == "again"
