@@ -119,6 +119,11 @@ class Answer:
     request_id: str
     at: float
 
+    @classmethod
+    def of(cls, agent: str, state: str, answer: httpx.Response) -> Answer:
+        """What ``answer`` told about ``agent``'s report of ``state``, and when it came."""
+        return cls(agent, state, answer.status_code, answer.json(), answer.headers["x-request-id"], time.monotonic())
+
 
 @pytest.fixture
 def proxied(tmp_path: Path) -> Iterator[tuple[Server, FailoverProxy]]:
@@ -158,10 +163,7 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
                 i += 1
                 answer = report(client, agent, state, datetime.now(UTC))
                 with lock:
-                    answers.append(
-                        Answer(agent, state, answer.status_code, answer.json(), answer.headers["x-request-id"],
-                               time.monotonic())
-                    )  # fmt: skip
+                    answers.append(Answer.of(agent, state, answer))
                 if answer.status_code >= 500:
                     time.sleep(0.05)
 
@@ -185,10 +187,7 @@ def test_reports_across_a_failover_answer_the_truth_and_recover(proxied: tuple[S
                 n += 1
                 answer = report(client, agent, "idle", datetime.now(UTC))
                 with lock:
-                    late.append(
-                        Answer(agent, "idle", answer.status_code, answer.json(), answer.headers["x-request-id"],
-                               time.monotonic())
-                    )  # fmt: skip
+                    late.append(Answer.of(agent, "idle", answer))
                 time.sleep(0.1)
 
     def prober() -> None:
